@@ -1,0 +1,1 @@
+"""facelens: shared vocabulary (attribute names, face geometry) for the whole toolkit."""
