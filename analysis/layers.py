@@ -12,8 +12,9 @@ from torch import nn
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     """The sub-module called `name`; a wrong name fails with the closest valid names and the full list."""
     modules = dict(model.named_modules())
-    if name in modules and name != "":
-        return modules[name]
+    for candidate in (name, f"backbone.{name}"):  # facelens models wrap the timm network as `backbone`
+        if candidate in modules and name != "":
+            return modules[candidate]
     valid = [n for n in modules if n]
     close = difflib.get_close_matches(name, valid, n=5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
