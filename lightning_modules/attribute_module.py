@@ -5,12 +5,12 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics.classification import MultilabelStatScores
 
 from analysis.attribute_metrics import AttributeReport
 from facelens.attributes import CELEBA_ATTRIBUTES, attribute_indices, resolve_attributes
 from lightning_modules.backbones import check_backbone, create_backbone
 from lightning_modules.losses import attribute_loss
+from lightning_modules.metrics import AttributeConfusion
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
@@ -56,8 +56,8 @@ class AttributeModule(pl.LightningModule):
         self.register_buffer("source_rate", torch.full((len(self.attribute_names),), 0.5))
         if source_rates is not None:
             self._set_source_rates(source_rates)
-        self.val_stats = MultilabelStatScores(len(self.attribute_names), average=None, ignore_index=-1)
-        self.test_stats = MultilabelStatScores(len(self.attribute_names), average=None, ignore_index=-1)
+        self.val_stats = AttributeConfusion(len(self.attribute_names))
+        self.test_stats = AttributeConfusion(len(self.attribute_names))
         self.last_report: AttributeReport | None = None
 
     # -- data -------------------------------------------------------------------------------------------------
@@ -99,11 +99,11 @@ class AttributeModule(pl.LightningModule):
         self.log("train/error", error, on_step=True, on_epoch=True, batch_size=n)
         return loss
 
-    def _eval_step(self, batch: dict, stats: MultilabelStatScores, prefix: str) -> torch.Tensor:
+    def _eval_step(self, batch: dict, stats: AttributeConfusion, prefix: str) -> torch.Tensor:
         targets, mask = self.select(batch)
         logits = self(batch["image"])
         loss = self._loss(logits, targets, mask)
-        stats.update((logits > 0).long(), torch.where(mask, targets.long(), -1))
+        stats.update(logits, targets, mask)
         self.log(f"{prefix}/loss", loss, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0],
                  sync_dist=True)
         return logits
@@ -117,8 +117,8 @@ class AttributeModule(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self(batch["image"])
 
-    def _epoch_report(self, stats: MultilabelStatScores, prefix: str) -> None:
-        counts = stats.compute()  # (T, 5): tp, fp, tn, fn, support; synchronised across ranks
+    def _epoch_report(self, stats: AttributeConfusion, prefix: str) -> None:
+        counts = stats.compute()  # (T, 4): tp, fp, tn, fn, summed across ranks
         stats.reset()
         tp, fp, tn, fn = (counts[:, i].cpu().numpy() for i in range(4))
         report = AttributeReport.from_counts(self.attribute_names, tp, fp, tn, fn)
