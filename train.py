@@ -24,7 +24,8 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                          multifile=False)
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """The CLI; `run=False` only builds trainer, model and data (for scripts and tests)."""
     return LightningCLI(
         model_class=None,
         datamodule_class=None,
@@ -33,6 +34,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"save_to_log_dir": False},
         args=args,
+        run=run,
         auto_configure_optimizers=False,
     )
 

@@ -30,8 +30,12 @@ class FaceNet(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features before the classifier."""
+        return self.embed_and_classify(images)[0]
+
+    def embed_and_classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and logits from one pass through the trunk."""
         features = self.backbone.forward_features(self.normalize(images))
-        return self.backbone.forward_head(features, pre_logits=True)
+        return self.backbone.forward_head(features, pre_logits=True), self.backbone.forward_head(features)
 
 
 def check_backbone(name: str, option: str = "backbone") -> None:

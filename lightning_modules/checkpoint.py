@@ -10,8 +10,9 @@ import torch
 
 def _module_classes() -> dict[str, type[pl.LightningModule]]:
     from lightning_modules.attribute_module import AttributeModule
+    from lightning_modules.recognition_module import RecognitionModule
 
-    return {"AttributeModule": AttributeModule}
+    return {"AttributeModule": AttributeModule, "RecognitionModule": RecognitionModule}
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
