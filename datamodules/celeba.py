@@ -88,13 +88,14 @@ class Table:
     names: list[str]
     values: np.ndarray  # (n, len(columns)) float64
     lines: np.ndarray  # (n,) int64
+    rejected: set[str] = field(default_factory=set)  # names of rows left out for a wrong column count
 
 
-def read_table(path: Path, columns: Sequence[str] | None, problems: _Problems, count_line: bool,
-               header: bool, csv: bool) -> Table:
-    """Parse a CelebA list file (header columns may come in any order; the result uses `columns`).
+def read_table(path: Path, columns: Sequence[str], problems: _Problems, count_line: bool, header: bool,
+               csv: bool) -> Table:
+    """Parse a CelebA list file into the value `columns` (a header may list them in any order).
 
-    `columns` None means one value column and no header (partition / identity in the txt layout).
+    Rows with a wrong column count (named in `rejected`) or a repeated name are reported and left out.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -119,7 +120,7 @@ def read_table(path: Path, columns: Sequence[str] | None, problems: _Problems, c
             declared = int(line.strip())
         except ValueError:
             problems.fatal(path, no, f"first line should be the image count, found {line.strip()[:60]!r}")
-    ncols = 1 if columns is None else len(columns)
+    ncols = len(columns)
     order = np.arange(ncols)
     if header:
         no, line = next_line()
@@ -128,7 +129,7 @@ def read_table(path: Path, columns: Sequence[str] | None, problems: _Problems, c
             found = found[1:]
         elif csv:
             problems.fatal(path, no, f"header should start with 'image_id', found {line.strip()[:60]!r}")
-        wanted = list(columns) if columns is not None else [found[0] if found else "value"]
+        wanted = list(columns)
         missing = [c for c in wanted if c not in found]
         extra = [c for c in found if c not in wanted]
         dup = sorted({c for c in found if found.count(c) > 1})
@@ -138,13 +139,13 @@ def read_table(path: Path, columns: Sequence[str] | None, problems: _Problems, c
             problems.fatal(path, no, "header: " + "; ".join(p for p in parts if p)
                            + f"; expected {len(wanted)} columns: {' '.join(wanted)}")
         order = np.array([found.index(c) for c in wanted])
-        columns = tuple(wanted)
-    columns = tuple(columns) if columns is not None else ("value",)
+    columns = tuple(columns)
 
     names: list[str] = []
     rests: list[str] = []
     line_nos: list[int] = []
     seen: dict[str, int] = {}
+    rejected: set[str] = set()
     nrows = 0
     for i in range(pos, len(lines)):
         line = lines[i]
@@ -160,6 +161,7 @@ def read_table(path: Path, columns: Sequence[str] | None, problems: _Problems, c
         if len(tokens) != ncols + 1:
             problems.add(path, i + 1, f"expected {ncols + 1} columns (image name + {ncols} values), "
                                       f"found {len(tokens)}")
+            rejected.add(tokens[0])
             continue
         name = tokens[0]
         if name in seen:
@@ -174,7 +176,8 @@ def read_table(path: Path, columns: Sequence[str] | None, problems: _Problems, c
     if nrows == 0:
         problems.fatal(path, None, "no image rows")
     values = _parse_numbers(path, rests, line_nos, columns, problems)
-    return Table(path, columns, names, values[:, order] if header else values, np.asarray(line_nos, dtype=np.int64))
+    return Table(path, columns, names, values[:, order] if header else values, np.asarray(line_nos, dtype=np.int64),
+                 rejected)
 
 
 def _parse_numbers(path: Path, rests: list[str], line_nos: list[int], columns: Sequence[str],
@@ -266,17 +269,21 @@ class CelebAIndex:
 
 
 def _align(ref: Table, other: Table, problems: _Problems) -> np.ndarray | None:
-    """Row of `other` for each image of `ref`; reports images present in only one of the two files."""
+    """Row of `other` for each image of `ref`; reports images present in only one of the two files.
+
+    Images whose row was already rejected in either file are not reported again.
+    """
     if other.names == ref.names:
         return np.arange(len(ref.names))
     where = {n: i for i, n in enumerate(other.names)}
     ref_set = set(ref.names)
     for i, n in enumerate(other.names):
-        if n not in ref_set:
+        if n not in ref_set and n not in ref.rejected:
             problems.add(other.path, int(other.lines[i]), f"image {n} is not listed in {ref.path.name}")
     rows = np.array([where.get(n, -1) for n in ref.names])
     for i in np.flatnonzero(rows < 0):
-        problems.add(ref.path, int(ref.lines[i]), f"image {ref.names[i]} is missing from {other.path.name}")
+        if ref.names[i] not in other.rejected:
+            problems.add(ref.path, int(ref.lines[i]), f"image {ref.names[i]} is missing from {other.path.name}")
     return None if (rows < 0).any() else rows
 
 
@@ -331,13 +338,13 @@ def scan_celeba(root: str | Path, layout: str = "auto", images: str = "aligned",
         _bad_rows(attr, ~np.isin(attr.values, (-1, 1)), problems, "is not a CelebA attribute value (-1 or 1)")
         lm = read_table(files.landmarks, LANDMARK_COLUMNS, problems, count_line=not csv, header=True, csv=csv)
         _bad_rows(lm, ~np.isfinite(lm.values), problems, "is not a finite landmark coordinate")
-        part = read_table(files.partition, ("partition",) if csv else None, problems, count_line=False,
+        part = read_table(files.partition, ("partition",), problems, count_line=False,
                           header=csv, csv=csv)
         _bad_rows(part, ~np.isin(part.values, (0, 1, 2)), problems, "is not a partition (0 train, 1 val, 2 test)")
         tables = [lm, part]
         ident = None
         if files.identity is not None:
-            ident = read_table(files.identity, ("identity",) if csv else None, problems, count_line=False,
+            ident = read_table(files.identity, ("identity",), problems, count_line=False,
                                header=csv, csv=csv)
             vals = ident.values
             _bad_rows(ident, ~(np.isfinite(vals) & (vals == np.round(vals)) & (vals >= 0)), problems,
