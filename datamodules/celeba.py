@@ -30,7 +30,13 @@ from torch.utils.data import DataLoader, Dataset
 from facelens.attributes import CELEBA_ATTRIBUTES, CELEBA_POSITIVE_RATE, NUM_ATTRIBUTES
 from facelens.geometry import LANDMARK_NAMES, transform_points, warp
 
-from .transforms import AffactAugment, AffactAugmentConfig, AffactCentreCrop, affact_crop_matrix, frontal_ratio
+from .transforms import (
+    AffactAugment,
+    AffactAugmentConfig,
+    AffactCentreCrop,
+    affact_crop_matrix,
+    frontal_ratio,
+)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")  # partition values 0, 1, 2
 LANDMARK_COLUMNS: tuple[str, ...] = tuple(f"{n}_{a}" for n in LANDMARK_NAMES for a in "xy")
@@ -134,7 +140,8 @@ def read_table(path: Path, columns: Sequence[str], problems: _Problems, count_li
         extra = [c for c in found if c not in wanted]
         dup = sorted({c for c in found if found.count(c) > 1})
         if missing or extra or dup:
-            parts = [f"missing column(s) {missing}" if missing else "", f"unknown column(s) {extra}" if extra else "",
+            parts = [f"missing column(s) {missing}" if missing else "",
+                     f"unknown column(s) {extra}" if extra else "",
                      f"duplicated column(s) {dup}" if dup else ""]
             problems.fatal(path, no, "header: " + "; ".join(p for p in parts if p)
                            + f"; expected {len(wanted)} columns: {' '.join(wanted)}")
@@ -176,8 +183,8 @@ def read_table(path: Path, columns: Sequence[str], problems: _Problems, count_li
     if nrows == 0:
         problems.fatal(path, None, "no image rows")
     values = _parse_numbers(path, rests, line_nos, columns, problems)
-    return Table(path, columns, names, values[:, order] if header else values, np.asarray(line_nos, dtype=np.int64),
-                 rejected)
+    return Table(path, columns, names, values[:, order] if header else values,
+                 np.asarray(line_nos, dtype=np.int64), rejected)
 
 
 def _parse_numbers(path: Path, rests: list[str], line_nos: list[int], columns: Sequence[str],
@@ -234,8 +241,9 @@ def locate(root: str | Path, layout: str = "auto", images: str = "aligned") -> C
     if layout == "auto":
         layout = next((lay for lay in ("txt", "csv") if (root / f"list_attr_celeba.{lay}").is_file()), "")
         if not layout:
-            raise FileNotFoundError(f"{root}: no list_attr_celeba.txt (original release) or list_attr_celeba.csv "
-                                    f"(Kaggle layout); found: {sorted(p.name for p in root.iterdir())[:20]}")
+            found = sorted(p.name for p in root.iterdir())[:20]
+            raise FileNotFoundError(f"{root}: no list_attr_celeba.txt (original release) or "
+                                    f"list_attr_celeba.csv (Kaggle layout); found: {found}")
     dir_name, lm_name = IMAGE_SETS[images]
     image_dir = root / dir_name
     if (image_dir / dir_name).is_dir():  # Kaggle nests the images one folder deeper
@@ -244,11 +252,13 @@ def locate(root: str | Path, layout: str = "auto", images: str = "aligned") -> C
              "partition": root / f"list_eval_partition.{layout}"}
     for key, path in files.items():
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: required CelebA file is missing ({layout} layout, images={images})")
+            raise FileNotFoundError(
+                f"{path}: required CelebA file is missing ({layout} layout, images={images})")
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: image folder is missing (images={images})")
     optional = {"identity": root / f"identity_CelebA.{layout}", "bbox": root / f"list_bbox_celeba.{layout}"}
-    return CelebAFiles(layout, image_dir, **files, **{k: (p if p.is_file() else None) for k, p in optional.items()})
+    present = {k: (p if p.is_file() else None) for k, p in optional.items()}
+    return CelebAFiles(layout, image_dir, **files, **present)
 
 
 @dataclass
@@ -283,7 +293,8 @@ def _align(ref: Table, other: Table, problems: _Problems) -> np.ndarray | None:
     rows = np.array([where.get(n, -1) for n in ref.names])
     for i in np.flatnonzero(rows < 0):
         if ref.names[i] not in other.rejected:
-            problems.add(ref.path, int(ref.lines[i]), f"image {ref.names[i]} is missing from {other.path.name}")
+            problems.add(ref.path, int(ref.lines[i]),
+                         f"image {ref.names[i]} is missing from {other.path.name}")
     return None if (rows < 0).any() else rows
 
 
@@ -318,8 +329,8 @@ def _check_landmarks_inside(index: CelebAIndex, rows: np.ndarray, problems: _Pro
         if outside.any():
             k = int(np.argmax(outside))
             problems.add(path, int(index.landmark_lines[i]),
-                         f"landmark {LANDMARK_NAMES[k]} ({_fmt(lm[k, 0])}, {_fmt(lm[k, 1])}) of {index.names[i]} "
-                         f"lies outside the {w}x{h} image")
+                         f"landmark {LANDMARK_NAMES[k]} ({_fmt(lm[k, 0])}, {_fmt(lm[k, 1])}) of "
+                         f"{index.names[i]} lies outside the {w}x{h} image")
 
 
 def scan_celeba(root: str | Path, layout: str = "auto", images: str = "aligned", frontal_only: bool = False,
@@ -340,7 +351,8 @@ def scan_celeba(root: str | Path, layout: str = "auto", images: str = "aligned",
         _bad_rows(lm, ~np.isfinite(lm.values), problems, "is not a finite landmark coordinate")
         part = read_table(files.partition, ("partition",), problems, count_line=False,
                           header=csv, csv=csv)
-        _bad_rows(part, ~np.isin(part.values, (0, 1, 2)), problems, "is not a partition (0 train, 1 val, 2 test)")
+        _bad_rows(part, ~np.isin(part.values, (0, 1, 2)), problems,
+                  "is not a partition (0 train, 1 val, 2 test)")
         tables = [lm, part]
         ident = None
         if files.identity is not None:
@@ -410,7 +422,7 @@ def load_image(path: Path) -> torch.Tensor:
 
 
 class CelebADataset(Dataset):
-    """Batch-contract samples, AFFACT-cropped from the landmarks onto a `load_size` canvas (box `image_size`)."""
+    """Batch-contract samples, AFFACT-cropped onto a `load_size` canvas (face box `image_size`, centred)."""
 
     def __init__(self, index: CelebAIndex, rows: np.ndarray, image_size: int, load_size: int):
         self.image_dir = index.files.image_dir
@@ -449,7 +461,8 @@ class CelebADataModule(pl.LightningDataModule):
     def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, num_workers: int = 4,
                  layout: str = "auto", images: str = "aligned", frontal_only: bool = False,
                  frontal_splits: list[str] | None = None, frontal_threshold: float = 0.1,
-                 augment: AffactAugmentConfig | None = None, augment_train: bool = True, load_scale: float = 1.25,
+                 augment: AffactAugmentConfig | None = None, augment_train: bool = True,
+                 load_scale: float = 1.25,
                  max_samples_per_split: int | None = None, check_image_sizes: bool = True,
                  seed: int | None = None, pin_memory: bool = False):
         super().__init__()
@@ -460,17 +473,21 @@ class CelebADataModule(pl.LightningDataModule):
         frontal_splits = ["val", "test"] if frontal_splits is None else list(frontal_splits)
         bad = [s for s in frontal_splits if s not in SPLITS]
         if bad:
-            raise ValueError(f"CelebADataModule.frontal_splits: unknown split(s) {bad}; valid: {list(SPLITS)}")
+            raise ValueError(
+                f"CelebADataModule.frontal_splits: unknown split(s) {bad}; valid: {list(SPLITS)}")
         if image_size < 8:
             raise ValueError(f"CelebADataModule.image_size must be >= 8, got {image_size}")
         if load_scale < 1:
             raise ValueError(f"CelebADataModule.load_scale must be >= 1, got {load_scale}")
         if max_samples_per_split is not None and max_samples_per_split < 1:
-            raise ValueError(f"CelebADataModule.max_samples_per_split must be >= 1, got {max_samples_per_split}")
+            raise ValueError(
+                f"CelebADataModule.max_samples_per_split must be >= 1, got {max_samples_per_split}")
         self.save_hyperparameters()
-        self.root, self.image_size, self.batch_size, self.num_workers = root, image_size, batch_size, num_workers
+        self.root, self.image_size = root, image_size
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.layout, self.images = layout, images
-        self.frontal_only, self.frontal_splits, self.frontal_threshold = frontal_only, frontal_splits, frontal_threshold
+        self.frontal_only, self.frontal_splits = frontal_only, frontal_splits
+        self.frontal_threshold = frontal_threshold
         self.load_size = int(math.ceil(image_size * load_scale))
         self.max_samples_per_split, self.check_image_sizes = max_samples_per_split, check_image_sizes
         self.pin_memory = pin_memory
@@ -527,15 +544,15 @@ def _summary(index: CelebAIndex, threshold: float) -> str:
                f"{s} {k}/{n} ({k / max(n, 1):.1%})" for s, (k, n) in index.frontal_kept.items()),
            "attribute positive rates (this data | CelebA):"]
     rates = (index.attributes > 0).mean(axis=0)
-    out += [f"  {name:<20s} {rate:6.3f} | {CELEBA_POSITIVE_RATE[name]:.3f}" for name, rate in zip(CELEBA_ATTRIBUTES,
-                                                                                               rates)]
+    out += [f"  {name:<20s} {rate:6.3f} | {CELEBA_POSITIVE_RATE[name]:.3f}"
+            for name, rate in zip(CELEBA_ATTRIBUTES, rates)]
     return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datamodules.celeba", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="parse and cross-check a CelebA folder, print a summary or the problems")
+    check = sub.add_parser("check", help="parse and cross-check a CelebA folder; print a summary or problems")
     check.add_argument("--root", required=True)
     check.add_argument("--layout", default="auto", choices=LAYOUTS)
     check.add_argument("--images", default="aligned", choices=tuple(IMAGE_SETS))

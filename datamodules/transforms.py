@@ -29,7 +29,8 @@ from facelens.geometry import (
 BLUR_REFERENCE_SIZE = 224
 
 
-def affact_crop_matrix(landmarks: torch.Tensor, out_size: int, canvas_size: int | None = None) -> torch.Tensor:
+def affact_crop_matrix(landmarks: torch.Tensor, out_size: int,
+                       canvas_size: int | None = None) -> torch.Tensor:
     """Affine maps (N, 2, 3), float64, from source pixels to the AFFACT crop of side `out_size`.
 
     With `canvas_size` > `out_size` the crop box stays `out_size` pixels wide but sits centred in a
@@ -134,7 +135,8 @@ class AffactAugmentConfig:
 def _check_batch(batch: dict[str, Any]) -> None:
     for key in ("image", "landmarks"):
         if key not in batch:
-            raise KeyError(f"AFFACT transforms need batch['{key}'] (see docs/ARCHITECTURE.md); got keys {sorted(batch)}")
+            raise KeyError(f"AFFACT transforms need batch['{key}'] (see docs/ARCHITECTURE.md); "
+                           f"got keys {sorted(batch)}")
     img, lm = batch["image"], batch["landmarks"]
     if img.dim() != 4 or lm.dim() != 3 or lm.shape[1:] != (5, 2) or lm.shape[0] != img.shape[0]:
         raise ValueError(f"expected image (B, C, H, W) and landmarks (B, 5, 2), got {tuple(img.shape)} and "
@@ -178,7 +180,8 @@ class AffactAugment:
     `seed_everything` governs it); pass `generator=` to a call to control it explicitly.
     """
 
-    def __init__(self, config: AffactAugmentConfig | None = None, image_size: int = 224, seed: int | None = None):
+    def __init__(self, config: AffactAugmentConfig | None = None, image_size: int = 224,
+                 seed: int | None = None):
         self.config = config or AffactAugmentConfig()
         self.image_size = int(image_size)
         self.seed = seed
@@ -194,7 +197,7 @@ class AffactAugment:
         return self._generators[key]
 
     def sample(self, n: int, device: torch.device, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Draw the per-image parameters: scale, rotation (deg), shift (B, 2) px, flip, blur sigma px, gamma."""
+        """Per-image parameters: scale, rotation (deg), shift (B, 2) px, flip, blur sigma (px), gamma."""
         c = self.config
         z = torch.randn(n, 6, generator=generator, device=device, dtype=torch.float64)
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
@@ -208,7 +211,7 @@ class AffactAugment:
         }
 
     def matrix(self, landmarks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The one affine map per image: mirror, scale/rotate about the crop centre and shift, after the crop."""
+        """The one affine map per image: crop, then mirror, scale/rotate about the crop centre, shift."""
         n, size = landmarks.shape[0], self.image_size
         crop = affact_crop_matrix(landmarks, size).to(params["scale"].device)
         centre = torch.full((n, 2), (size - 1) / 2, dtype=torch.float64, device=crop.device)

@@ -97,7 +97,8 @@ def draw_face(size: tuple[int, int], landmarks: np.ndarray, seed: int = 0) -> Im
     return img
 
 
-def _write_table(path: Path, header: list[str] | None, rows: list[str], count: bool, sep: str, eol: str) -> None:
+def _write_table(path: Path, header: list[str] | None, rows: list[str], count: bool, sep: str,
+                 eol: str) -> None:
     lines = []
     if count:
         lines.append(str(len(rows)))
@@ -139,7 +140,8 @@ def write_celeba(root: str | Path, layout: str = "txt", n: int = 12, wild: bool 
             draw_face(WILD_SIZE, rec.wild_landmarks[i], seed + i).save(wild_dir / name, quality=92)
 
     if layout == "txt":
-        attr_rows = [f"{nm} " + " ".join(f"{v:2d}" for v in row) for nm, row in zip(rec.names, rec.attributes)]
+        attr_rows = [f"{nm} " + " ".join(f"{v:2d}" for v in row)
+                     for nm, row in zip(rec.names, rec.attributes)]
         _write_table(root / "list_attr_celeba.txt", list(CELEBA_ATTRIBUTES), attr_rows, True, " ", eol)
 
         def lm_rows(lms: np.ndarray) -> list[str]:
@@ -149,8 +151,8 @@ def write_celeba(root: str | Path, layout: str = "txt", n: int = 12, wild: bool 
         _write_table(root / "list_landmarks_align_celeba.txt", LANDMARK_HEADER, lm_rows(rec.landmarks), True,
                      " ", eol)
         if wild:
-            _write_table(root / "list_landmarks_celeba.txt", LANDMARK_HEADER, lm_rows(rec.wild_landmarks), True,
-                         " ", eol)
+            _write_table(root / "list_landmarks_celeba.txt", LANDMARK_HEADER, lm_rows(rec.wild_landmarks),
+                         True, " ", eol)
         _write_table(root / "list_eval_partition.txt", None,
                      [f"{nm} {p}" for nm, p in zip(rec.names, rec.partition)], False, " ", eol)
         if identity:
@@ -162,10 +164,11 @@ def write_celeba(root: str | Path, layout: str = "txt", n: int = 12, wild: bool 
                          True, " ", eol)
     else:
         def csv_rows(values: np.ndarray) -> list[str]:
-            return [",".join([nm] + [str(int(v)) for v in np.ravel(row)]) for nm, row in zip(rec.names, values)]
+            return [",".join([nm] + [str(int(v)) for v in np.ravel(row)])
+                    for nm, row in zip(rec.names, values)]
 
-        _write_table(root / "list_attr_celeba.csv", ["image_id", *CELEBA_ATTRIBUTES], csv_rows(rec.attributes),
-                     False, ",", eol)
+        _write_table(root / "list_attr_celeba.csv", ["image_id", *CELEBA_ATTRIBUTES],
+                     csv_rows(rec.attributes), False, ",", eol)
         _write_table(root / "list_landmarks_align_celeba.csv", ["image_id", *LANDMARK_HEADER],
                      csv_rows(rec.landmarks), False, ",", eol)
         if wild:

@@ -95,7 +95,8 @@ def _batch(n: int, size: int = 16, value: float | None = None, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     lm = np.stack([similarity(FACE, rng.uniform(0.1, 0.3), rng.uniform(-40, 40), rng.uniform(20, 40, 2))
                    for _ in range(n)])
-    img = torch.full((n, 3, size * 4, size * 4), value) if value is not None else torch.rand(n, 3, size * 4, size * 4)
+    shape = (n, 3, size * 4, size * 4)
+    img = torch.full(shape, value) if value is not None else torch.rand(shape)
     return {"image": img, "landmarks": torch.from_numpy(lm).float(), "index": torch.arange(n)}
 
 
@@ -128,7 +129,8 @@ def test_scale_and_shift_spreads_match_the_config():
 
 
 def test_gamma_only_moves_a_grey_image_by_two_to_a_normal_power():
-    out = AffactAugment(AffactAugmentConfig.off(gamma_log2_std=1.0), image_size=16, seed=6)(_batch(3000, value=0.5))
+    aug = AffactAugment(AffactAugmentConfig.off(gamma_log2_std=1.0), image_size=16, seed=6)
+    out = aug(_batch(3000, value=0.5))
     v = out["image"].double().mean(dim=(1, 2, 3))
     z = torch.log2(-torch.log2(v)).numpy()  # 0.5 ** (2 ** z) recovers z
     assert abs(z.mean()) < 0.06 and abs(z.std() - 1.0) < 0.04
@@ -141,8 +143,8 @@ def test_gamma_only_moves_a_grey_image_by_two_to_a_normal_power():
 def test_mirror_swaps_left_and_right_and_flips_the_pixels():
     rng = np.random.default_rng(2)
     lm = np.stack([similarity(FACE, 1.2, a, (110, 130)) for a in (-20, 5, 30)])
-    img = torch.stack([torch.from_numpy(np.array(draw_face(WILD_SIZE, x, seed=i))).permute(2, 0, 1).float() / 255
-                       for i, x in enumerate(lm)])
+    img = torch.stack([torch.from_numpy(np.array(draw_face(WILD_SIZE, x, seed=i))).permute(2, 0, 1)
+                       for i, x in enumerate(lm)]).float() / 255
     batch = {"image": img, "landmarks": torch.from_numpy(lm).float(), "concept_masks": torch.from_numpy(
         rng.random((3, 2, WILD_SIZE[1], WILD_SIZE[0])) > 0.5)}
     centre = AffactCentreCrop(96)(batch)
@@ -152,7 +154,8 @@ def test_mirror_swaps_left_and_right_and_flips_the_pixels():
     assert (lmf[:, LEFT_MOUTH, 0] < lmf[:, RIGHT_MOUTH, 0]).all()
     # The mirror of the right eye (x -> 95 - x) is the new left eye, and so on.
     np.testing.assert_allclose(lmf[:, LEFT_EYE, 0].numpy(), 95 - lmc[:, RIGHT_EYE, 0].numpy(), atol=1e-4)
-    np.testing.assert_allclose(lmf[:, NOSE].numpy(), np.stack([95 - lmc[:, NOSE, 0], lmc[:, NOSE, 1]], 1), atol=1e-4)
+    nose = np.stack([95 - lmc[:, NOSE, 0], lmc[:, NOSE, 1]], 1)
+    np.testing.assert_allclose(lmf[:, NOSE].numpy(), nose, atol=1e-4)
     torch.testing.assert_close(flipped["image"], centre["image"].flip(-1), atol=1e-5, rtol=0)
     assert flipped["concept_masks"].dtype == torch.bool
     assert torch.equal(flipped["concept_masks"], centre["concept_masks"].flip(-1))
@@ -179,7 +182,8 @@ def test_gaussian_blur_matches_scipy_per_image():
     torch.testing.assert_close(out[0], img[0])
     for i in (1, 2):
         for c in range(2):
-            ref = gaussian_filter(img[i, c].numpy(), float(sigma[i]), mode="constant", truncate=radius / float(sigma[i]))
+            s = float(sigma[i])
+            ref = gaussian_filter(img[i, c].numpy(), s, mode="constant", truncate=radius / s)
             np.testing.assert_allclose(out[i, c].numpy(), ref, atol=1e-12)
 
 
