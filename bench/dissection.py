@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantile", type=float, default=0.005)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--tally", choices=["auto", "dense", "sparse"], default="auto")
+    p.add_argument("--quantile-method", choices=["exact", "sketch"], default="exact")
+    p.add_argument("--chunk-elements", type=int, default=1 << 24,
+                   help="upsampled elements per tally step (raise on a GPU)")
     p.add_argument("--reference-images", type=int, default=None,
                    help="run the NumPy reference on the first N images only (default: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -146,9 +149,10 @@ def main(argv: list[str] | None = None) -> None:
 
     acts, masks = synthetic_dictionary(args.images, args.units, args.concepts, args.feature_size, args.mask_size,
                                        planted=min(8, args.units), seed=args.seed, device=device)
-    cfg = DissectionConfig(tally=args.tally)
+    cfg = DissectionConfig(tally=args.tally, quantile_method=args.quantile_method, chunk_elements=args.chunk_elements)
     print(f"device={device} images={args.images} units={args.units} concepts={args.concepts} "
-          f"features={args.feature_size}px masks={args.mask_size}px tally={args.tally} torch={torch.__version__} "
+          f"features={args.feature_size}px masks={args.mask_size}px tally={args.tally} "
+          f"quantile={args.quantile} ({args.quantile_method}) torch={torch.__version__} "
           f"threads={torch.get_num_threads()}")
 
     run = lambda n: netdissect_iou(acts[:n], masks[:n], args.quantile, config=cfg,  # noqa: E731
