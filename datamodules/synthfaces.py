@@ -612,13 +612,13 @@ class Renderer:
             eye = np.concatenate([np.stack([-ew * np.cos(t_up), eh * np.sin(t_up)], 1),
                                   np.stack([ew * np.cos(t_lo), 0.8 * eh * np.sin(t_lo)], 1)]) + [sgn * ex, 0]
             cv.poly(eye, (238, 236, 230, 255), "EYE")
-            r = min(eh * 0.95, 0.075)
-            cv.poly(_ellipse(sgn * ex, 0, r, r, 14), _rgba(idt.iris), "EYE")
-            cv.poly(_ellipse(sgn * ex, 0, r * 0.45, r * 0.45, 10), (10, 10, 10, 255), "EYE")
             if has["Heavy_Makeup"]:  # eyeliner belongs to the make-up concept
                 cv.line(eye[:10], (25, 15, 30, 255), 0.045, "EYE_SHADOW", min_px=1.0)
             else:
                 cv.line(eye[:10], _rgba(_shade(skin, 0.35) * 0.5), 0.022, "EYE", min_px=0.5)
+            r = min(eh * 0.95, 0.075)  # iris and pupil last: the eye landmark is always visible
+            cv.poly(_ellipse(sgn * ex, 0, r, r, 14), _rgba(idt.iris), "EYE")
+            cv.poly(_ellipse(sgn * ex, 0, r * 0.45, r * 0.45, 10), (10, 10, 10, 255), "EYE")
             thick = (0.12 if has["Bushy_Eyebrows"] else 0.05) + (0.015 if idt.male else 0)
             arch = 0.11 if has["Arched_Eyebrows"] else 0.035
             xs = np.linspace(0.18, 0.8, 9)
@@ -670,6 +670,8 @@ class Renderer:
             teeth_bot = up_bot + gap * 0.45
             cv.poly(np.concatenate([np.stack([xs[2:-2], up_bot[2:-2]], 1),
                                     np.stack([xs[2:-2], teeth_bot[2:-2]], 1)[::-1]]), (240, 238, 225, 255), "TEETH")
+        # the lower lip's outer contour, stroked at least one pixel wide so thin lips survive at 64 px
+        cv.line(np.stack([xs, lo_bot - 0.3 * lt_l * w], 1)[1:-1], lip_colour, 0.6 * lt_l, lip_atom, min_px=1.0)
         if not open_:
             cv.line(np.stack([xs, centre], 1), _rgba(_shade(lip_colour[:3], 0.55)), 0.015, lip_atom, min_px=0.5)
         if smile:
@@ -889,12 +891,12 @@ class _CachedFaces(Dataset):
         for chunk in loader:
             for idx, image, item in chunk:
                 self.images[idx] = image
+                if self.bits is not None:
+                    self.bits[idx] = item.pop("concept_bits")
                 for k, v in item.items():
                     if k not in self.tensors:
                         self.tensors[k] = torch.empty((n,) + tuple(v.shape), dtype=v.dtype)
                     self.tensors[k][idx] = v
-        if self.bits is not None:
-            self.tensors.pop("concept_masks")
         self.num_concepts = len(CONCEPTS)
 
     def __len__(self) -> int:
