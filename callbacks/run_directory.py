@@ -27,15 +27,17 @@ def run_dir(trainer: pl.Trainer) -> Path:
 
 
 class RunDirectory(pl.Callback):
-    """Puts checkpoints under `root/<run id>/checkpoints` and prints where everything went at the end of fit."""
+    """Puts checkpoints under `root/<run id>/checkpoints` (root defaults to `<trainer.default_root_dir>/runs`)
+    and prints where everything went at the end of fit."""
 
-    def __init__(self, root: str = "runs"):
+    def __init__(self, root: str | None = None):
         self.root = root
         self.path: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.path is None:
-            self.path = Path(self.root) / run_id(trainer)
+            root = Path(self.root) if self.root else Path(trainer.default_root_dir) / "runs"
+            self.path = root / run_id(trainer)
         for cb in trainer.checkpoint_callbacks:
             if cb.dirpath is None:
                 cb.dirpath = str(self.path / "checkpoints")

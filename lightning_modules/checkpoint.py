@@ -1,6 +1,7 @@
 """Load facelens checkpoints safely (weights_only=True): no code from a checkpoint ever runs."""
 from __future__ import annotations
 
+import inspect
 import pickle
 from pathlib import Path
 
@@ -38,9 +39,12 @@ def load_module(path: str | Path, map_location="cpu", random_init: bool = False)
     name = checkpoint.get("facelens_module", "AttributeModule")
     if name not in classes:
         raise ValueError(f"checkpoint {path}: unknown module class {name!r}; known: {sorted(classes)}")
-    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    cls = classes[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    # LightningCLI adds bookkeeping keys (_class_path, _instantiator); keep only constructor arguments
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
     hparams.pop("pretrained_path", None)
-    module = classes[name](**hparams)
+    module = cls(**hparams)
     if not random_init:
         module.load_state_dict(checkpoint["state_dict"])
     return module.eval()

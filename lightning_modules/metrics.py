@@ -18,10 +18,11 @@ class AttributeConfusion(Metric):
     def update(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> None:
         pred = logits > 0
         truth = targets > 0.5
-        self.tp += (pred & truth & mask).sum(0)
-        self.fp += (pred & ~truth & mask).sum(0)
-        self.tn += (~pred & ~truth & mask).sum(0)
-        self.fn += (~pred & truth & mask).sum(0)
+        # out of place: states may be inference tensors after a `trainer.validate` run
+        self.tp = self.tp + (pred & truth & mask).sum(0)
+        self.fp = self.fp + (pred & ~truth & mask).sum(0)
+        self.tn = self.tn + (~pred & ~truth & mask).sum(0)
+        self.fn = self.fn + (~pred & truth & mask).sum(0)
 
     def compute(self) -> torch.Tensor:
         return torch.stack([self.tp, self.fp, self.tn, self.fn], dim=1)

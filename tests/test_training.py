@@ -16,7 +16,7 @@ def cli_args(tmp_path, *extra):
         "--config", "configs/quickstart.yaml",
         "--trainer.max_epochs", "3",
         "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.callbacks.init_args.root", str(tmp_path / "runs"),
+        "--trainer.default_root_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false",
         "--data.init_args.num_train", "384",
         "--data.init_args.num_val", "128",
