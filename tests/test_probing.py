@@ -59,6 +59,9 @@ def test_pls_matches_sklearn_on_random_data(relu_data):
     assert (W.gather(0, W.abs().argmax(0, keepdim=True)) > 0).all()
     assert torch.allclose(pls.x_weights_.norm(dim=0), torch.ones(8, dtype=torch.float64))
     assert (pls.vip_**2).mean().item() == pytest.approx(1.0)
+    fast = PLS(8, precision="float32").fit(X, y)  # float32 products: looser, VIP still equal
+    assert rel_err(fast.x_weights_, sk.x_weights_) < 5e-3
+    assert np.corrcoef(fast.vip_.numpy(), sklearn_vip(sk))[0, 1] > 0.9999
 
 
 def test_streaming_equals_in_memory(relu_data):
