@@ -31,7 +31,8 @@ def capture(model: nn.Module, layers: Sequence[str], detach: bool = True) -> Ite
 
         def hook(_m, _inp, out, name=name):
             out = out[0] if isinstance(out, (tuple, list)) else out
-            store[name] = out.detach() if detach else out
+            # cloned: a later in-place op (e.g. ReLU(inplace=True) after a BatchNorm) would change it otherwise
+            store[name] = out.detach().clone() if detach else out
 
         handles.append(module.register_forward_hook(hook))
     try:
