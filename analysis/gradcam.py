@@ -76,34 +76,45 @@ def signed_labels(labels: torch.Tensor, shape: Sequence[int], what: str = "label
 
 def _capture_leaf(model: nn.Module, module: nn.Module, images: torch.Tensor, layer_name: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward with the layer's output replaced by a detached leaf; returns (activation leaf, logits)."""
-    leaves: list[torch.Tensor] = []
-    problems: list[str] = []
+    """Forward with the layer's output replaced by a detached leaf; returns (activation leaf, logits).
 
-    def hook(_m, _inp, out):
-        if not torch.is_tensor(out) or out.dim() != 4:
-            kind = type(out).__name__ if not torch.is_tensor(out) else f"tensor of shape {tuple(out.shape)}"
-            problems.append(f"layer {layer_name!r} must output a (B, C, h, w) tensor, got a {kind}")
-            return None
-        leaf = out.detach().requires_grad_(True)
-        leaves.append(leaf)
-        # A clone, so an in-place op after the layer (ReLU(inplace=True)) leaves the leaf intact.
-        return leaf.clone()
+    Everything up to the layer runs without autograd (no graph is needed there); the hook switches
+    autograd on for the rest. Should the model reset grad mode after the layer, the forward is repeated
+    with autograd on throughout.
+    """
+    for record_before in (False, True):
+        leaves: list[torch.Tensor] = []
+        problems: list[str] = []
 
-    handle = module.register_forward_hook(hook)
-    try:
-        logits = model(images)
-    finally:
-        handle.remove()
-    if problems:
-        raise ValueError(problems[0])
-    if len(leaves) != 1:
-        raise ValueError(f"layer {layer_name!r} ran {len(leaves)} times in one forward; Grad-CAM needs a layer "
-                         "that runs exactly once")
-    if not torch.is_tensor(logits) or logits.dim() != 2:
-        raise ValueError("grad_cam: the model must map images (B, 3, H, W) to logits (B, K), got "
-                         f"{type(logits).__name__ if not torch.is_tensor(logits) else tuple(logits.shape)}")
-    return leaves[0], logits
+        def hook(_m, _inp, out):
+            if not torch.is_tensor(out) or out.dim() != 4:
+                kind = type(out).__name__ if not torch.is_tensor(out) else f"tensor of shape {tuple(out.shape)}"
+                problems.append(f"layer {layer_name!r} must output a (B, C, h, w) tensor, got a {kind}")
+                return None
+            torch.set_grad_enabled(True)
+            leaf = out.detach().requires_grad_(True)
+            leaves.append(leaf)
+            # A clone, so an in-place op after the layer (ReLU(inplace=True)) leaves the leaf intact.
+            return leaf.clone()
+
+        handle = module.register_forward_hook(hook)
+        torch.set_grad_enabled(record_before)
+        try:
+            logits = model(images)
+        finally:
+            torch.set_grad_enabled(True)
+            handle.remove()
+        if problems:
+            raise ValueError(problems[0])
+        if len(leaves) != 1:
+            raise ValueError(f"layer {layer_name!r} ran {len(leaves)} times in one forward; Grad-CAM needs a "
+                             "layer that runs exactly once")
+        if not torch.is_tensor(logits) or logits.dim() != 2:
+            raise ValueError("grad_cam: the model must map images (B, 3, H, W) to logits (B, K), got "
+                             f"{type(logits).__name__ if not torch.is_tensor(logits) else tuple(logits.shape)}")
+        if logits.requires_grad:
+            return leaves[0], logits
+    raise ValueError(f"grad_cam: the logits do not depend on layer {layer_name!r} through autograd")
 
 
 def _linear_head(model: nn.Module, channels: int, outputs: int) -> nn.Linear | None:
