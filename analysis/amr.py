@@ -46,7 +46,8 @@ def _check_masks(maps: torch.Tensor, masks: torch.Tensor, fn: str) -> torch.Tens
     b, t = maps.shape[:2]
     if masks.dim() == 3:
         masks = masks[None]
-    if masks.dim() != 4 or masks.shape[1] != t or masks.shape[0] not in (1, b) or masks.shape[-1] != masks.shape[-2]:
+    if (masks.dim() != 4 or masks.shape[1] != t or masks.shape[0] not in (1, b)
+            or masks.shape[-1] != masks.shape[-2]):
         raise ValueError(f"{fn}: masks must be (T, S, S) or (B, T, S, S) with T={t}, B={b}; got "
                          f"{tuple(masks.shape)}")
     return masks
@@ -101,12 +102,14 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
     return float((dx * dy).sum() / denom) if denom > 0 else float("nan")
 
 
-def kl_divergence(p: np.ndarray | torch.Tensor, q: np.ndarray | torch.Tensor, eps: float = 1e-10) -> np.ndarray:
+def kl_divergence(p: np.ndarray | torch.Tensor, q: np.ndarray | torch.Tensor,
+                  eps: float = 1e-10) -> np.ndarray:
     """KL(P || Q) over the last two axes, each map made a distribution: P = (p + eps) / sum(p + eps)."""
     p = np.asarray(p.cpu() if torch.is_tensor(p) else p, dtype=np.float64) + eps
     q = np.asarray(q.cpu() if torch.is_tensor(q) else q, dtype=np.float64) + eps
     if p.shape != q.shape:
-        raise ValueError(f"kl_divergence: maps differ in shape {p.shape} vs {q.shape}; pass size= to resample")
+        raise ValueError(f"kl_divergence: maps differ in shape {p.shape} vs {q.shape}; "
+                         "pass size= to resample")
     p = p / p.sum((-2, -1), keepdims=True)
     q = q / q.sum((-2, -1), keepdims=True)
     return (p * np.log(p / q)).sum((-2, -1))
@@ -139,7 +142,7 @@ class AMRResult:
     map_normalization: str = "minmax"
     frontal_only: bool = field(default=False)
 
-    TABLE_COLUMNS = ("attribute", "error_rate", "overall", "gt_pos", "gt_neg", "pred_correct", "pred_incorrect")
+    TABLE_COLUMNS = ("attribute", "error_rate") + GROUPS
 
     def group_index(self, group: str) -> int:
         if group not in GROUPS:
@@ -180,7 +183,7 @@ class AMRResult:
         return rows
 
     def to_dict(self) -> dict:
-        """JSON-ready: per attribute error_rate, count and each variant's group means; top-level correlation."""
+        """JSON-ready: per attribute error_rate, counts and each variant's group means; top: correlation."""
         per_attribute = {}
         for i, name in enumerate(self.attributes):
             entry = {"error_rate": _nan_to_none(self.error_rate[i]),
@@ -253,7 +256,8 @@ class AMRAccumulator:
         self._map_sums = torch.zeros(g, t, *maps.shape[-2:], **kw)
 
     def update(self, maps: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-               label_mask: torch.Tensor | None, masks: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+               label_mask: torch.Tensor | None, masks: torch.Tensor,
+               keep: torch.Tensor | None = None) -> None:
         """Add a batch. maps (B, T, h, w) >= 0 for the accumulator's T attributes; logits (B, T); labels
         (B, T) in {0, 1} or {-1, 1}; label_mask (B, T) bool (False: label unknown, excluded); masks
         (T, S, S) or (B, T, S, S) bool; keep (B,) bool drops whole images (e.g. the frontal filter)."""
@@ -262,11 +266,13 @@ class AMRAccumulator:
             raise ValueError(f"AMRAccumulator.update: maps must be (B, {t}, h, w), got {tuple(maps.shape)}")
         b = maps.shape[0]
         if tuple(logits.shape) != (b, t):
-            raise ValueError(f"AMRAccumulator.update: logits must be (B, T) = {(b, t)}, got {tuple(logits.shape)}")
+            raise ValueError(f"AMRAccumulator.update: logits must be (B, T) = {(b, t)}, got "
+                             f"{tuple(logits.shape)}")
         if self._map_sums is None:
             self._init_state(maps)
         elif tuple(self._map_sums.shape[-2:]) != tuple(maps.shape[-2:]):
-            raise ValueError(f"AMRAccumulator.update: maps are {tuple(maps.shape[-2:])}, earlier batches were "
+            raise ValueError(f"AMRAccumulator.update: maps are {tuple(maps.shape[-2:])}, earlier batches "
+                             "were "
                              f"{tuple(self._map_sums.shape[-2:])}")
         device = self._counts.device
         lab = signed_labels(labels, (b, t), "AMRAccumulator.update: labels").to(device)
@@ -278,7 +284,8 @@ class AMRAccumulator:
             valid &= label_mask.to(device=device, dtype=torch.bool)
         if keep is not None:
             if tuple(keep.shape) != (b,):
-                raise ValueError(f"AMRAccumulator.update: keep must be (B,) = ({b},), got {tuple(keep.shape)}")
+                raise ValueError(f"AMRAccumulator.update: keep must be (B,) = ({b},), got "
+                                 f"{tuple(keep.shape)}")
             valid &= keep.to(device=device, dtype=torch.bool)[:, None]
             self.frontal_only = True
         if not valid.any():

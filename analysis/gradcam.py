@@ -67,10 +67,12 @@ def signed_labels(labels: torch.Tensor, shape: Sequence[int], what: str = "label
     values = labels.float()
     if (values < 0).any():
         if not ((values == 1) | (values == -1)).all():
-            raise ValueError(f"{what}: labels with -1 must be in {{-1, 1}}, got values {values.unique().tolist()}")
+            raise ValueError(f"{what}: labels with -1 must be in {{-1, 1}}, got values "
+                             f"{values.unique().tolist()}")
         return values
     if not ((values == 0) | (values == 1)).all():
-        raise ValueError(f"{what}: labels must be in {{0, 1}} or {{-1, 1}}, got values {values.unique().tolist()}")
+        raise ValueError(f"{what}: labels must be in {{0, 1}} or {{-1, 1}}, got values "
+                         f"{values.unique().tolist()}")
     return values * 2 - 1
 
 
@@ -88,7 +90,7 @@ def _capture_leaf(model: nn.Module, module: nn.Module, images: torch.Tensor, lay
 
         def hook(_m, _inp, out):
             if not torch.is_tensor(out) or out.dim() != 4:
-                kind = type(out).__name__ if not torch.is_tensor(out) else f"tensor of shape {tuple(out.shape)}"
+                kind = f"tensor of shape {tuple(out.shape)}" if torch.is_tensor(out) else type(out).__name__
                 problems.append(f"layer {layer_name!r} must output a (B, C, h, w) tensor, got a {kind}")
                 return None
             torch.set_grad_enabled(True)
@@ -110,8 +112,8 @@ def _capture_leaf(model: nn.Module, module: nn.Module, images: torch.Tensor, lay
             raise ValueError(f"layer {layer_name!r} ran {len(leaves)} times in one forward; Grad-CAM needs a "
                              "layer that runs exactly once")
         if not torch.is_tensor(logits) or logits.dim() != 2:
-            raise ValueError("grad_cam: the model must map images (B, 3, H, W) to logits (B, K), got "
-                             f"{type(logits).__name__ if not torch.is_tensor(logits) else tuple(logits.shape)}")
+            got = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            raise ValueError(f"grad_cam: the model must map images (B, 3, H, W) to logits (B, K), got {got}")
         if logits.requires_grad:
             return leaves[0], logits
     raise ValueError(f"grad_cam: the logits do not depend on layer {layer_name!r} through autograd")
@@ -126,7 +128,9 @@ def _linear_head(model: nn.Module, channels: int, outputs: int) -> nn.Linear | N
 
 def _closed_form_holds(activation: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor) -> bool:
     """Check d logits / d A == W / (h w) along one random direction (one cheap backward through the head)."""
-    v = torch.randn_like(logits)
+    # A private generator: the check must not move the caller's random stream.
+    gen = torch.Generator(device=logits.device).manual_seed(0)
+    v = torch.randn(logits.shape, generator=gen, device=logits.device, dtype=logits.dtype)
     (grad,) = torch.autograd.grad(logits, activation, v, retain_graph=True)
     h, w = activation.shape[-2:]
     expected = (v @ weight.to(v.dtype))[:, :, None, None].expand_as(grad) / (h * w)
@@ -172,8 +176,9 @@ def _autograd_cams(activation: torch.Tensor, logits: torch.Tensor, indices: torc
         idx = indices[start:start + chunk]
         t = len(idx)
         grad_out = torch.zeros(t, b, k, dtype=logits.dtype, device=logits.device)
-        grad_out[torch.arange(t, device=logits.device)[:, None], torch.arange(b, device=logits.device)[None, :],
-                 idx[:, None]] = signs[:, start:start + t].T
+        rows = torch.arange(t, device=logits.device)[:, None]
+        images = torch.arange(b, device=logits.device)[None, :]
+        grad_out[rows, images, idx[:, None]] = signs[:, start:start + t].T
         (grads,) = torch.autograd.grad(logits, activation, grad_out, retain_graph=True, is_grads_batched=True)
         grads = grads.transpose(0, 1)  # (B, t, C, h, w)
         if method == "gradcam":
@@ -226,7 +231,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: str | nn.Module,
             if len(indices) == 0 or indices.min() < 0 or indices.max() >= num_logits:
                 raise ValueError(f"grad_cam: targets must be logit indices in [0, {num_logits}), got "
                                  f"{indices.tolist()}")
-        signs = target_signs(logits, indices, target, None if labels is None else labels.to(logits.device))
+        signs = target_signs(logits, indices, target,
+                             None if labels is None else torch.as_tensor(labels).to(logits.device))
 
         head = None
         if closed_form is not False:

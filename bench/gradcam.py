@@ -129,12 +129,14 @@ def main(argv=None) -> None:
         p.error(f"--reference-targets must be in [1, {args.logits}], got {n_ref}")
 
     model = build_model(args.model, args.logits, device)
-    images = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(2)).to(device)
+    gen = torch.Generator().manual_seed(2)
+    images = torch.rand(args.batch, 3, args.size, args.size, generator=gen).to(device)
     print(f"{args.model}, {args.logits} logits, batch {args.batch} at {args.size} px on {device} "
           f"({torch.get_num_threads()} threads), method {args.method}, target {args.target}")
     if n_ref < args.logits:
         print(f"pytorch-grad-cam timed on {n_ref} of {args.logits} targets, extrapolated linearly")
-    print(f"{'layer':<10} {'ours s':>9} {'pgc s':>9} {'ratio':>8} {'max |diff|':>11}  peak memory (ours / pgc)")
+    print(f"{'layer':<10} {'ours s':>9} {'pgc s':>9} {'ratio':>8} {'max |diff|':>11}  "
+          "peak memory (ours / pgc)")
     for layer in args.layers:
         run_ours(model, images, layer, args.method, args.target, 1, device)  # warm-up
         reset_peak(device)

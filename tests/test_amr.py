@@ -70,7 +70,8 @@ def _random_batches(rng, t, size, batches):
         maps = rng.random((b, t, size, size)) * (rng.random((b, t, size, size)) > 0.4)
         maps[0, 0] = 0  # one empty map
         masks = rng.random((b, t, size, size)) > 0.5 if i == 0 else rng.random((t, size, size)) > 0.5
-        out.append({"maps": maps, "logits": rng.normal(size=(b, t)), "labels": (rng.random((b, t)) > 0.4) * 1.0,
+        out.append({"maps": maps, "logits": rng.normal(size=(b, t)),
+                    "labels": (rng.random((b, t)) > 0.4) * 1.0,
                     "label_mask": rng.random((b, t)) > 0.15, "keep": rng.random(b) > 0.2, "masks": masks})
     return out
 
@@ -100,7 +101,8 @@ def test_aggregation_equals_numpy_float64():
                 label = 1 if bt["labels"][b, t] == 1 else -1
                 error = bt["logits"][b, t] * label < 0
                 errors[t].append(error)
-                groups = ["overall", "gt_pos" if label > 0 else "gt_neg", "pred_incorrect" if error else "pred_correct"]
+                groups = ["overall", "gt_pos" if label > 0 else "gt_neg",
+                          "pred_incorrect" if error else "pred_correct"]
                 scores = _numpy_amr(cam, mask, 0.2)
                 shifted = cam - cam.min()
                 for g in groups:
@@ -114,7 +116,8 @@ def test_aggregation_equals_numpy_float64():
             expected = [np.mean(x) if x else np.nan for x in records[g][v]]
             np.testing.assert_allclose(res.scores[v][gi], expected, rtol=1e-6, atol=1e-9)
         for t in range(len(names)):
-            np.testing.assert_allclose(res.average_maps[gi, t], np.mean(maps_by_group[g][t], axis=0), rtol=1e-6)
+            expected_map = np.mean(maps_by_group[g][t], axis=0)
+            np.testing.assert_allclose(res.average_maps[gi, t], expected_map, rtol=1e-6)
     rho = np.corrcoef(res.error_rate, [np.mean(x) for x in records["overall"]["amr"]])[0, 1]
     assert res.correlation() == pytest.approx(rho, rel=1e-6)
     assert res.frontal_only
@@ -123,7 +126,8 @@ def test_aggregation_equals_numpy_float64():
 def test_label_mask_and_keep_exclude_entries():
     maps, masks = _hand_case()
     acc = AMRAccumulator(["Eyeglasses"])
-    acc.update(maps.expand(3, 1, 4, 4), torch.tensor([[1.0], [-1.0], [2.0]]), torch.tensor([[1.0], [1.0], [0.0]]),
+    acc.update(maps.expand(3, 1, 4, 4), torch.tensor([[1.0], [-1.0], [2.0]]),
+               torch.tensor([[1.0], [1.0], [0.0]]),
                torch.tensor([[True], [True], [False]]), masks, keep=torch.tensor([True, False, True]))
     res = acc.result()
     assert res.counts[:, 0].tolist() == [1, 1, 0, 1, 0]

@@ -14,7 +14,9 @@ from analysis.gradcam import grad_cam, upsample_maps
 
 NUM_CLASSES = 6
 REFERENCE = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus, "hirescam": HiResCAM}
-LAYERS = ("layer4", "layer3.1.conv2")  # the last stage, and a conv in the middle of the network
+# A conv in the middle of the network and the last stage, in forward order (pytorch-grad-cam pairs the
+# gradients it records with its target layers assuming that order).
+LAYERS = ("layer3.1.conv2", "layer4")
 
 
 def _random_resnet() -> torch.nn.Module:
@@ -61,40 +63,41 @@ class _Target:
 
 @pytest.fixture(scope="module")
 def reference(model, images, labels):
-    """pytorch-grad-cam's raw CAMs (ReLU of get_cam_image, before its resize), one backward per target.
+    """pytorch-grad-cam's raw CAMs (ReLU of get_cam_image, before its resize), one target per image.
 
-    Activations and gradients of each (layer, target function) are recorded once and shared by the three
-    methods, which differ only in how they turn them into a map.
+    pytorch-grad-cam takes one target per image, so the batch is repeated once per logit (image i of
+    repeat k gets target k) and one backward per target function records activations and gradients of
+    both layers; the three methods differ only in how they turn those into a map.
     """
-    recorded: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+    recorded: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    modules = [dict(model.named_modules())[layer] for layer in LAYERS]
+    b = len(images)
 
-    def record(layer: str, kind: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        module = dict(model.named_modules())[layer]
-        cam = GradCAM(model, [module])
-        pairs = []
+    def record(kind: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        cam = GradCAM(model, modules)
         try:
-            for k in range(NUM_CLASSES):
-                if kind == "positive":
-                    targets = [ClassifierOutputTarget(k) for _ in range(len(images))]
-                else:
-                    targets = [_Target(k, kind, float(2 * labels[b, k] - 1)) for b in range(len(images))]
-                outputs = cam.activations_and_grads(images)
-                model.zero_grad()
-                sum(t(o) for t, o in zip(targets, outputs)).backward()
-                pairs.append((cam.activations_and_grads.activations[0].numpy(),
-                              cam.activations_and_grads.gradients[0].numpy()))
+            if kind == "positive":
+                targets = [ClassifierOutputTarget(k) for k in range(NUM_CLASSES) for _ in range(b)]
+            else:
+                targets = [_Target(k, kind, float(2 * labels[i, k] - 1))
+                           for k in range(NUM_CLASSES) for i in range(b)]
+            outputs = cam.activations_and_grads(images.repeat(NUM_CLASSES, 1, 1, 1))
+            model.zero_grad()
+            sum(t(o) for t, o in zip(targets, outputs)).backward()
+            return ([a.numpy() for a in cam.activations_and_grads.activations],
+                    [g.numpy() for g in cam.activations_and_grads.gradients])
         finally:
             cam.activations_and_grads.release()
-        return pairs
 
     def maps(layer: str, kind: str, method: str) -> np.ndarray:
-        if (layer, kind) not in recorded:
-            recorded[layer, kind] = record(layer, kind)
-        module = dict(model.named_modules())[layer]
-        cam = REFERENCE[method](model, [module])
+        if kind not in recorded:
+            recorded[kind] = record(kind)
+        i = LAYERS.index(layer)
+        acts, grads = recorded[kind][0][i], recorded[kind][1][i]
+        cam = REFERENCE[method](model, [modules[i]])
         cam.activations_and_grads.release()
-        out = [np.maximum(cam.get_cam_image(images, module, None, a, g, False), 0) for a, g in recorded[layer, kind]]
-        return np.stack(out, axis=1)
+        out = np.maximum(cam.get_cam_image(images, modules[i], None, acts, grads, False), 0)
+        return out.reshape(NUM_CLASSES, b, *out.shape[1:]).transpose(1, 0, 2, 3)
 
     return maps
 
@@ -129,7 +132,8 @@ def test_closed_form_equals_batched_autograd(model, images, labels, method, kind
 def test_closed_form_is_detected_only_where_it_holds(model, images, monkeypatch):
     calls = []
     original = gradcam_module._closed_form_cams
-    monkeypatch.setattr(gradcam_module, "_closed_form_cams", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(gradcam_module, "_closed_form_cams",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     grad_cam(model, images, "layer4")
     assert calls == [1]
     grad_cam(model, images, "layer4.1.conv2")  # BatchNorm, residual and ReLU follow: no closed form
@@ -213,3 +217,16 @@ def test_cuda_equals_cpu(images):
     cpu = grad_cam(model, images, "layer3", method="gradcampp")
     gpu = grad_cam(model.cuda(), images.cuda(), "layer3", method="gradcampp")
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-5 * float(cpu.max()))
+
+
+def test_facelens_model_by_timm_layer_name(images):
+    from lightning_modules.backbones import create_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone("resnet18", 4)
+    state = torch.random.get_rng_state()
+    auto = grad_cam(net, images, "layer4", method="gradcampp")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the closed-form check uses its own generator
+    batched = grad_cam(net, images, "backbone.layer4", method="gradcampp", closed_form=False)
+    assert auto.shape == (2, 4, 3, 3) and auto.max() > 0
+    torch.testing.assert_close(auto, batched, rtol=1e-5, atol=1e-6 * float(batched.max()))
