@@ -37,6 +37,21 @@ class ArcFaceHead(nn.Module):
         return self.scale * torch.where(target, with_margin, cos)
 
 
+def first_occurrence(index: torch.Tensor) -> torch.Tensor:
+    """Positions of the first copy of each sample index (negative = unknown, always kept).
+
+    DistributedSampler pads the last ranks with repeated samples; a repeat would pair an image with itself.
+    """
+    index = index.cpu()
+    seen: set[int] = set()
+    keep = []
+    for position, value in enumerate(index.tolist()):
+        if value < 0 or value not in seen:
+            keep.append(position)
+            seen.add(value)
+    return torch.tensor(keep, dtype=torch.long)
+
+
 class RecognitionModule(pl.LightningModule):
     """Face recognition by identity classification (seed 003 section 5.1.1 recipe by default).
 
@@ -65,6 +80,7 @@ class RecognitionModule(pl.LightningModule):
         self.arcface: ArcFaceHead | None = None
         self._val_embeddings: list[torch.Tensor] = []
         self._val_identities: list[torch.Tensor] = []
+        self._val_index: list[torch.Tensor] = []
         if num_identities is not None:
             self._build(num_identities)
 
@@ -124,16 +140,21 @@ class RecognitionModule(pl.LightningModule):
                  batch_size=n, sync_dist=True, prog_bar=True)
         self._val_embeddings.append(embeddings.detach().float())
         self._val_identities.append(labels.detach())
+        self._val_index.append(batch["index"].detach() if "index" in batch
+                               else torch.full_like(labels, -1))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_embeddings:
             return
         embeddings = torch.cat(self._val_embeddings)
         identities = torch.cat(self._val_identities)
-        self._val_embeddings, self._val_identities = [], []
+        index = torch.cat(self._val_index)
+        self._val_embeddings, self._val_identities, self._val_index = [], [], []
         if self.trainer.world_size > 1:  # every rank scores all pairs of the gathered validation set
             embeddings = self.all_gather(embeddings).flatten(0, 1)
             identities = self.all_gather(identities).flatten(0, 1)
+            keep = first_occurrence(self.all_gather(index).flatten(0, 1))
+            embeddings, identities = embeddings[keep], identities[keep]
         pairs, same = all_pairs(identities)
         result = verify(embeddings, pairs, same, self.far_levels)
         values = {"val/verification_auc": result.roc_auc}

@@ -118,3 +118,12 @@ def test_one_epoch_fit_logs_identification_and_verification(tmp_path):
     assert 0.0 <= float(metrics["val/identification_accuracy"]) <= 1.0
     assert 0.0 <= float(metrics["val/verification_auc"]) <= 1.0
     assert "val/tar@far=0.001" in metrics
+
+
+def test_first_occurrence_drops_sampler_padding():
+    from lightning_modules.recognition_module import first_occurrence
+
+    # two ranks, 5 samples padded to 6: rank 0 gets 0, 2, 4; rank 1 gets 1, 3, 0 (the repeat)
+    gathered = torch.tensor([0, 2, 4, 1, 3, 0])
+    assert first_occurrence(gathered).tolist() == [0, 1, 2, 3, 4]
+    assert first_occurrence(torch.tensor([-1, -1, 5])).tolist() == [0, 1, 2]
