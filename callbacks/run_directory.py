@@ -47,10 +47,11 @@ class RunDirectory(pl.Callback):
             return
         self.path.mkdir(parents=True, exist_ok=True)
         ckpt = trainer.checkpoint_callback
+        last = self.path / "checkpoints" / "last.ckpt"
         summary = {
             "run_dir": str(self.path),
             "best_checkpoint": getattr(ckpt, "best_model_path", None) or None,
-            "last_checkpoint": getattr(ckpt, "last_model_path", None) or None,
+            "last_checkpoint": str(last) if last.is_file() else None,
             "wandb_run": _wandb_dir(trainer),
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         }

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -482,7 +482,9 @@ class CelebADataModule(pl.LightningDataModule):
         if max_samples_per_split is not None and max_samples_per_split < 1:
             raise ValueError(
                 f"CelebADataModule.max_samples_per_split must be >= 1, got {max_samples_per_split}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["augment"])
+        # plain data only, so checkpoints stay loadable with weights_only=True
+        self.hparams["augment"] = asdict(augment) if augment is not None else None
         self.root, self.image_size = root, image_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.layout, self.images = layout, images
@@ -533,6 +535,13 @@ class CelebADataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
         return self.transform_batch(batch, train=trainer is not None and trainer.training)
+
+    def positive_rates(self) -> dict[str, float]:
+        """Positive rate of each attribute in the training split; the balanced loss reads it."""
+        self.setup()
+        rows = self.index.splits["train"]
+        rates = (self.index.attributes[rows] > 0).mean(0)
+        return {name: float(r) for name, r in zip(CELEBA_ATTRIBUTES, rates)}
 
 
 def _summary(index: CelebAIndex, threshold: float) -> str:

@@ -20,7 +20,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from facelens.attributes import (
     NUM_ATTRIBUTES,
     resolve_attributes,
 )
+from datamodules.transforms import AffactAugment, AffactAugmentConfig
 from facelens.geometry import LANDMARK_NAMES, canonical_landmarks
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -935,14 +936,15 @@ def _collate_raw(batch):
 class SynthFacesDataModule(pl.LightningDataModule):
     """SynthFaces train/val/test splits with disjoint identities, in the shared batch contract.
 
-    `augment`: optional callable on whole training batches, applied after transfer to the device.
+    `augment`: AFFACT augmentation settings (None: train on the rendered faces as they are). It runs on whole
+    training batches after transfer to the device; faces are already in AFFACT-crop geometry.
     """
 
     def __init__(self, size: int = 64, num_train: int = 4000, num_val: int = 1000, num_test: int = 1000,
                  num_identities: int = 500, seed: int = 0, batch_size: int = 64, num_workers: int = 2,
                  prior_preset: str = "default", priors: dict[str, float] | None = None,
                  correlations: list[tuple[str, str, float]] | None = None, grayscale_rate: float = 0.0,
-                 return_masks: bool = False, cache: bool = False):
+                 return_masks: bool = False, cache: bool = False, augment: AffactAugmentConfig | None = None):
         super().__init__()
         Renderer(size)  # validates size
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test),
@@ -952,10 +954,12 @@ class SynthFacesDataModule(pl.LightningDataModule):
         _check_count(batch_size, "batch_size", 1)
         _check_rate(grayscale_rate, "grayscale_rate")
         LabelModel(prior_preset, priors, correlations)  # validates priors / correlations early
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["augment"])
+        # plain data only, so checkpoints stay loadable with weights_only=True
+        self.hparams["augment"] = asdict(augment) if augment is not None else None
         self.size, self.seed, self.batch_size, self.num_workers = size, seed, batch_size, num_workers
         self.cache = cache
-        self.augment: Callable[[dict], dict] | None = None
+        self.augment: Callable[[dict], dict] | None = AffactAugment(augment, size) if augment is not None else None
         self.datasets: dict[str, Dataset] = {}
 
     def _make(self, split: str, count: int) -> Dataset:
@@ -992,11 +996,25 @@ class SynthFacesDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", False)
 
+    def transform_batch(self, batch: dict, train: bool) -> dict:
+        """Augmentation for training batches when configured; evaluation batches are used as rendered."""
+        return self.augment(batch) if train and self.augment is not None else batch
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = self.trainer
-        if self.augment is not None and trainer is not None and trainer.training:
-            return self.augment(batch)
-        return batch
+        return self.transform_batch(batch, train=trainer is not None and trainer.training)
+
+    def positive_rates(self) -> dict[str, float]:
+        """Positive rate of each attribute over the known training labels (0.5 where none is known), computed
+        from the label model alone, without rendering; the balanced loss reads it."""
+        h = self.hparams
+        labels = sample_labels(h.num_train, seed=h.seed, split="train", num_identities=h.num_identities,
+                               prior_preset=h.prior_preset, priors=h.priors, correlations=h.correlations,
+                               grayscale_rate=h.grayscale_rate)
+        known = labels["attribute_mask"].sum(0)
+        positive = (labels["attributes"] * labels["attribute_mask"]).sum(0)
+        rates = np.where(known > 0, positive / np.maximum(known, 1), 0.5)
+        return {name: float(r) for name, r in zip(CELEBA_ATTRIBUTES, rates)}
 
 
 # ----------------------------------------------------------------------------------------------------------
