@@ -7,6 +7,7 @@ results. Works on CPU and CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +42,7 @@ class RowBlocks:
 
 Features = Tensor | ColumnBlocks | RowBlocks
 
-# Column-block width for in-memory CPU fits: a block (n x width) stays in cache between the two
-# matrix-vector products of a pass, halving the memory traffic.
+# Block size for float64 fits and for transform: a block stays in cache while it is converted and used.
 _CPU_BLOCK_BYTES = 4 << 20
 
 
@@ -53,29 +53,34 @@ class PLS:
     largest-magnitude entry positive, `x_scores_ = X_k w_k`, `x_loadings_ = X_k^T t / t^T t`,
     `y_loadings_ = y_k^T t / t^T t` (equal to `y_weights_`), `x_rotations_ = W (P^T W)^-1`.
 
-    X is never deflated: since the scores are orthogonal, X_k^T y_k = X^T y - sum_j p_j (t_j^T y)
-    and X_k w = X w projected off the previous scores, so each component costs one X^T t and one X w,
-    fused into a single pass over column blocks. X may be stored in float32: each block is centred
-    and multiplied in float64 while it sits in cache. `precision="float32"` keeps the products in
-    float32: about 3x faster on CPU, same VIP ranking, but rounding grows about 2x per component
-    (relative weight errors 1e-4 to 1e-3 by the 8th). Means, scores, loadings and every accumulation
-    across blocks are float64.
+    X is never deflated, copied or centred. With orthogonal scores X_k^T y_k = X_c^T y_k, so component k
+    needs two matrix-vector products, g_k = X_c^T y_k and X_c g_k (the score before orthogonalisation);
+    the loadings follow from consecutive g's. The weights are recomputed from the deflated target y_k
+    every time instead of being downdated (g_k - p_k t^T y), which keeps float32 products accurate: the
+    error no longer doubles with each component. Means, scores, y_k (re-orthogonalised against the
+    scores) and every accumulation across blocks are float64.
 
-    `fit` accepts a tensor (n, m), `ColumnBlocks` (n_components + 1 passes) or `RowBlocks`
-    (2 n_components + 1 passes). Fitted tensors are float64 on the compute device.
+    precision: "float32" (matrix-vector products in float32 straight on X: no copy of X at all;
+    relative errors about 2e-6 for every component on 2048 x 8192 activations, VIP correlation
+    1 - 1e-11), "float64" (products in float64 on blocks converted in cache; 1e-12, about 4x slower on
+    CPU), or "auto" (default): float64 up to 2^22 matrix entries, where it costs little, float32 above.
+
+    `fit` accepts a tensor (n, m), `ColumnBlocks` (K + 1 passes) or `RowBlocks` (2K + 1 passes).
+    Fitted tensors are float64 on the compute device.
     """
 
+    AUTO_FLOAT64_MAX_ENTRIES = 1 << 22
+
     def __init__(self, n_components: int = 8, device: torch.device | str | None = None,
-                 block_columns: int | None = None, precision: str = "float64"):
+                 block_columns: int | None = None, precision: str = "auto"):
         if not isinstance(n_components, int) or n_components < 1:
             raise ValueError(f"PLS: n_components must be a positive integer, got {n_components!r}")
         if block_columns is not None and block_columns < 1:
             raise ValueError(f"PLS: block_columns must be positive, got {block_columns!r}")
-        if precision not in ("float64", "float32"):
-            raise ValueError(f"PLS: precision must be 'float64' or 'float32', got {precision!r}")
+        if precision not in ("auto", "float64", "float32"):
+            raise ValueError(f"PLS: precision must be 'auto', 'float64' or 'float32', got {precision!r}")
         self.n_components = n_components
         self.precision = precision
-        self._dtype = torch.float64 if precision == "float64" else torch.float32
         self.device = None if device is None else torch.device(device)
         self.block_columns = block_columns
 
@@ -90,36 +95,90 @@ class PLS:
             raise ValueError(f"PLS.fit: need at least 2 samples, got {n}")
         self.y_mean_ = y.mean()
         yc = y - self.y_mean_
+        self._threads = torch.get_num_threads() if self.device_.type == "cpu" else None
+        with self._serial():
+            self._dispatch(X, yc, n)
+            self._finish()
+        return self
+
+    @contextlib.contextmanager
+    def _serial(self):
+        """CPU bookkeeping on vectors runs on one thread: on a busy machine a parallel region over a 1e5
+        vector waits milliseconds for its second thread (10 ms instead of 10 us on 2 shared cores), which
+        would cost more than the matrix products. `_parallel` restores the threads for the products."""
+        if self._threads is None:
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self._threads)
+
+    @contextlib.contextmanager
+    def _parallel(self):
+        if self._threads is None:
+            yield
+            return
+        torch.set_num_threads(self._threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+
+    def _dispatch(self, X: Features, yc: Tensor, n: int) -> None:
         if isinstance(X, Tensor):
             if X.dim() != 2 or X.shape[0] != n:
                 raise ValueError(f"PLS.fit: X must be (n_samples, n_features) with n_samples={n}, got {tuple(X.shape)}")
+            self._dtype = self._resolve_dtype(X.numel())
             if not X.is_floating_point():
                 X = X.float()
             X = X.to(self.device_)
+            if self._dtype == torch.float32:
+                X = X.float()  # no copy of float32 input
             width = self.block_columns or self._default_block(X)
             self._fit_columns(lambda: (X[:, c:c + width] for c in range(0, X.shape[1], width)), yc)
         elif isinstance(X, ColumnBlocks):
+            self._dtype = self._resolve_dtype(None)
             self._fit_columns(X.make, yc)
         elif isinstance(X, RowBlocks):
+            self._dtype = self._resolve_dtype(None)
             self._fit_rows(X.make, yc)
         else:
             raise TypeError(f"PLS.fit: X must be a Tensor, ColumnBlocks or RowBlocks, got {type(X).__name__}")
-        self._finish()
-        return self
+
+    def _resolve_dtype(self, entries: int | None) -> torch.dtype:
+        """Working precision of the products; streamed inputs are large by definition."""
+        if self.precision == "auto":
+            small = entries is not None and entries <= self.AUTO_FLOAT64_MAX_ENTRIES
+            return torch.float64 if small else torch.float32
+        return torch.float64 if self.precision == "float64" else torch.float32
 
     def _default_block(self, X: Tensor) -> int:
-        if X.device.type != "cpu":
+        """float32: all columns at once (full-width products are the fastest: on 2 cores, 2048 x 49152, a
+        matrix-vector product takes 0.04 s, cache-sized column blocks no less); float64: blocks converted
+        in cache (2048 x 256 on CPU), never a float64 copy of the whole of X."""
+        if self._dtype == torch.float32:
             return X.shape[1]
-        return max(16, _CPU_BLOCK_BYTES // (X.shape[0] * X.element_size()))
+        budget = _CPU_BLOCK_BYTES if X.device.type == "cpu" else 256 << 20
+        return max(16, budget // (X.shape[0] * 8))
 
-    def _blocks(self, make: Callable[[], Iterable[Tensor]], n: int, axis: int):
-        """Blocks on the compute device, with the size of the other axis checked."""
-        for i, block in enumerate(make()):
-            if block.dim() != 2 or (axis == 1 and block.shape[0] != n):
-                raise ValueError(f"PLS.fit: block {i} has shape {tuple(block.shape)}; column blocks must be (n={n}, m_b)")
-            if not block.is_floating_point():
-                block = block.float()
-            yield block.to(self.device_, non_blocking=True)
+    def _blocks(self, make: Callable[[], Iterable[Tensor]], n: int):
+        """Column blocks on the compute device, with their row count checked; made with all threads."""
+        with self._parallel():
+            blocks = iter(make())
+        for i in range(1 << 62):
+            with self._parallel():
+                block = next(blocks, None)
+                if block is None:
+                    return
+                if block.dim() != 2 or block.shape[0] != n:
+                    raise ValueError(f"PLS.fit: block {i} has shape {tuple(block.shape)}; column blocks must be "
+                                     f"(n={n}, m_b)")
+                if not block.is_floating_point():
+                    block = block.float()
+                block = block.to(self.device_, non_blocking=True)
+            yield block
 
     def _start(self, n: int) -> None:
         K, dev = self.n_components, self.device_
@@ -131,12 +190,11 @@ class PLS:
         self._yscores = torch.zeros(n, K, dtype=torch.float64, device=dev)
 
     def _accept(self, k: int, g: Tensor, a: Tensor, yk: Tensor) -> Tensor:
-        """Component k from g = X_k^T y_k (m,) and a = X_c g (n,): sign, norm, score, y-deflation."""
+        """Component k from g = X_c^T y_k (m,) and a = X_c g (n,): sign, norm, score; returns y_{k+1}."""
         norm = g.norm()
         if norm == 0:
             raise ValueError(f"PLS.fit: component {k}: X^T y is zero (the target is constant or unexplained)")
-        sign = torch.sign(g[g.abs().argmax()])
-        scale = sign / norm
+        scale = torch.sign(g[g.abs().argmax()]) / norm
         t = a * scale
         for j in range(k):  # modified Gram-Schmidt: t = X_k w
             t = t - self._T[:, j] * (self._T[:, j] @ t) / self._tt[j]
@@ -146,67 +204,66 @@ class PLS:
         c = (yk @ t) / tt
         self._c[k] = c
         self._yscores[:, k] = yk / c
-        return yk - c * t
-
-    def _loading(self, k: int, u: Tensor) -> Tensor:
-        """p_k = X_k^T t_k / t_k^T t_k from u = X_c^T t_k (the correction vanishes when the scores are orthogonal)."""
-        t = self._T[:, k]
-        p = u.clone()
-        for j in range(k):
-            p -= self._P[j] * (self._T[:, j] @ t)
-        return p / self._tt[k]
+        yk = yk - c * t
+        for j in range(k + 1):  # keep y_{k+1} orthogonal to every score, so X_c^T y_{k+1} = X_{k+1}^T y_{k+1}
+            yk = yk - self._T[:, j] * (self._T[:, j] @ yk) / self._tt[j]
+        return yk
 
     def _fit_columns(self, make: Callable[[], Iterable[Tensor]], yc: Tensor) -> None:
-        n, K = yc.numel(), self.n_components
+        """Pass k reads each block for X_c^T y_k and X_c g_k: one matrix-vector product each.
+
+        X is not centred: X_c^T v = X^T v - mean * sum(v) and X_c g = X g - mean . g, using the vectors as
+        rounded to the working precision. Loadings come from consecutive weights: with orthogonal scores,
+        X^T y_{k+1} = X^T y_k - c_k X^T t_k, so p_k = (g_k - g_{k+1}) / (c_k t_k^T t_k). The last pass
+        only computes g_K for p_{K-1}."""
+        n, K, dt = yc.numel(), self.n_components, self._dtype
         self._start(n)
-        means, g_parts, sizes = [], [], []
-        a = torch.zeros(n, dtype=torch.float64, device=self.device_)
-        y_work = yc.to(self._dtype)
-        for block in self._blocks(make, n, axis=1):
-            mu = block.sum(0, dtype=torch.float64) / n
-            work = block.to(self._dtype)
-            g = (work.T @ y_work).double()  # X^T yc = X_c^T yc since yc sums to 0
-            a += (work @ g.to(self._dtype)).double() - mu @ g
-            means.append(mu), g_parts.append(g), sizes.append(block.shape[1])
-        if not sizes:
-            raise ValueError("PLS.fit: ColumnBlocks yielded no blocks")
-        self.x_mean_ = torch.cat(means)
-        g = torch.cat(g_parts)
-        self._check_rank(n, g.numel())
-        yk = self._accept(0, g, a, yc)
-        offsets = [0]
-        for s in sizes:
-            offsets.append(offsets[-1] + s)
-        for k in range(K):
-            t = self._T[:, k]
-            t_work, ty, t_sum = t.to(self._dtype), t @ yc, t.sum()
-            last = k == K - 1
-            u_parts, a = [], torch.zeros(n, dtype=torch.float64, device=self.device_)
-            for b, block in enumerate(self._blocks(make, n, axis=1)):
-                if b >= len(sizes) or block.shape[1] != sizes[b]:
+        means, sizes = [], []
+        yk, g_prev = yc, None
+        ones = torch.ones(n, dtype=dt, device=self.device_)
+        for k in range(K + 1):
+            y_work = yk.to(dt)
+            y_sum = y_work.double().sum()
+            g_parts = []
+            a = torch.zeros(n, dtype=torch.float64, device=self.device_)
+            lo = 0
+            for b, block in enumerate(self._blocks(make, n)):
+                if k == 0:
+                    sizes.append(block.shape[1])
+                elif b >= len(sizes) or block.shape[1] != sizes[b]:
                     raise ValueError(f"PLS.fit: ColumnBlocks changed between passes at block {b}")
-                lo, hi = offsets[b], offsets[b + 1]
-                work, mu = block.to(self._dtype), self.x_mean_[lo:hi]
-                u = (work.T @ t_work).double() - mu * t_sum
-                u_parts.append(u)
-                if not last:
-                    gb = g[lo:hi] - self._loading_part(k, u, lo, hi) * ty
-                    a += (work @ gb.to(self._dtype)).double() - mu @ gb
-            self._P.append(self._loading(k, torch.cat(u_parts)))
-            if not last:
-                g = g - self._P[k] * ty
-                yk = self._accept(k + 1, g, a, yk)
+                with self._parallel():
+                    work = block.to(dt)
+                    if k == 0:
+                        means.append((ones @ work).double() / n)
+                    g = (y_work @ work).double()
+                mu = means[b]
+                g -= mu * y_sum
+                g_parts.append(g)
+                if k < K:
+                    g_work = g.to(dt)
+                    with self._parallel():
+                        xg = work @ g_work
+                    a += xg.double() - mu @ g_work.double()
+                lo += block.shape[1]
+            if not sizes:
+                raise ValueError("PLS.fit: ColumnBlocks yielded no blocks")
+            if k == 0:
+                self.x_mean_ = torch.cat(means)
+                self._check_rank(n, lo)
+            elif lo != sum(sizes):
+                raise ValueError(f"PLS.fit: ColumnBlocks changed between passes ({lo} columns, expected {sum(sizes)})")
+            g = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts)
+            if g_prev is not None:
+                self._P.append((g_prev - g) / (self._c[k - 1] * self._tt[k - 1]))
+            if k < K:
+                yk = self._accept(k, g, a, yk)
+            g_prev = g
         self.n_passes_ = K + 1
 
-    def _loading_part(self, k: int, u: Tensor, lo: int, hi: int) -> Tensor:
-        t = self._T[:, k]
-        p = u.clone()
-        for j in range(k):
-            p -= self._P[j][lo:hi] * (self._T[:, j] @ t)
-        return p / self._tt[k]
-
     def _fit_rows(self, make: Callable[[], Iterable[Tensor]], yc: Tensor) -> None:
-        n, K = yc.numel(), self.n_components
+        """Row blocks: pass A gives X_c^T [y_k, t_{k-1}], pass B gives X_c g_k (2K + 1 passes)."""
+        n, K, dt = yc.numel(), self.n_components, self._dtype
         self._start(n)
 
         def rows():
@@ -221,34 +278,35 @@ class PLS:
             if start != n:
                 raise ValueError(f"PLS.fit: RowBlocks yielded {start} rows, expected {n}")
 
-        total = None
-        for lo, block in rows():
-            both = torch.stack([torch.ones_like(yc[lo:lo + len(block)]), yc[lo:lo + len(block)]], 1)
-            part = (block.to(self._dtype).T @ both.to(self._dtype)).double()
-            total = part if total is None else total + part
-        self.x_mean_ = total[:, 0] / n
-        g = total[:, 1]  # X^T yc = X_c^T yc since yc sums to 0
-        self._check_rank(n, g.numel())
-        mu = self.x_mean_.to(self._dtype)
+        def transposed(vectors: Tensor, centre: bool) -> Tensor:
+            total = None
+            with self._parallel():  # also for making the blocks (e.g. running a model)
+                for lo, block in rows():
+                    work = block.to(dt) - mu if centre else block.to(dt)
+                    part = (work.T @ vectors[lo:lo + len(block)].to(dt)).double()
+                    total = part if total is None else total + part
+            return total
 
-        def scores(vec: Tensor) -> Tensor:
+        def scores(g: Tensor) -> Tensor:
             out = torch.empty(n, dtype=torch.float64, device=self.device_)
-            v = vec.to(self._dtype)
-            for lo, block in rows():
-                out[lo:lo + len(block)] = ((block.to(self._dtype) - mu) @ v).double()
+            v = g.to(dt)
+            with self._parallel():
+                for lo, block in rows():
+                    out[lo:lo + len(block)] = ((block.to(dt) - mu) @ v).double()
             return out
 
+        first = transposed(torch.stack([torch.ones_like(yc), yc], 1), centre=False)
+        self.x_mean_ = first[:, 0] / n
+        self._check_rank(n, len(self.x_mean_))
+        mu = self.x_mean_.to(dt)
+        g = first[:, 1] - self.x_mean_ * yc.sum()  # X_c^T yc
         yk = self._accept(0, g, scores(g), yc)
-        for k in range(K):
-            t = self._T[:, k]
-            u = None
-            for lo, block in rows():
-                part = ((block.to(self._dtype) - mu).T @ t[lo:lo + len(block)].to(self._dtype)).double()
-                u = part if u is None else u + part
-            self._P.append(self._loading(k, u))
-            if k < K - 1:
-                g = g - self._P[k] * (t @ yc)
-                yk = self._accept(k + 1, g, scores(g), yk)
+        for k in range(1, K + 1):
+            vectors = self._T[:, k - 1:k] if k == K else torch.stack([yk, self._T[:, k - 1]], 1)
+            r = transposed(vectors, centre=True)
+            self._P.append(r[:, -1] / self._tt[k - 1])
+            if k < K:
+                yk = self._accept(k, r[:, 0], scores(r[:, 0]), yk)
         self.n_passes_ = 2 * K + 1
 
     def _check_rank(self, n: int, m: int) -> None:
@@ -424,7 +482,7 @@ class Probe:
 
 
 def fit_probe(X: Tensor, y: Tensor, columns: Tensor | None = None, n_components: int = 8,
-              use_pls: bool = True, reg_param: float = 0.0, precision: str = "float64") -> Probe:
+              use_pls: bool = True, reg_param: float = 0.0, precision: str = "auto") -> Probe:
     """PLS + QDA on `X[:, columns]` (seed 003 section 4.1); no PLS when there are at most n_components columns."""
     Xs = X if columns is None else X[:, columns.to(X.device)]
     y = torch.as_tensor(y).reshape(-1).to(X.device)
@@ -680,7 +738,7 @@ class ProbingResult:
 def probe_features(X_train: Tensor, y_train: Tensor, X_val: Tensor, y_val: Tensor, shape: Sequence[int],
                    layer: str = "layer", attribute: str = "attribute", n_components: int = 8, top_k: int = 8,
                    neuron_ranking: str = "vip", reg_param: float = 0.0, keep: bool = True,
-                   precision: str = "float64") -> LayerAttributeProbe:
+                   precision: str = "auto") -> LayerAttributeProbe:
     """Whole layer, top-k channels by mean VIP, top-k neurons (by VIP or by single-neuron training
     accuracy) and each of those channels and neurons alone (seed 003 section 5.1.2)."""
     if neuron_ranking not in ("vip", "accuracy"):
@@ -747,7 +805,7 @@ def probe(model: nn.Module, layers: Sequence[str], images: Tensor | Iterable[Map
           attributes: Sequence[str] | None = None, n_train: int = 2048, n_val: int = 6144,
           n_components: int = 8, top_k: int = 8, neuron_ranking: str = "vip", seed: int = 0,
           batch_size: int = 128, device: torch.device | str | None = None, reg_param: float = 0.0,
-          max_feature_bytes: int = 2 << 30, keep_probes: bool = True, precision: str = "float64") -> ProbingResult:
+          max_feature_bytes: int = 2 << 30, keep_probes: bool = True, precision: str = "auto") -> ProbingResult:
     """Probe attributes in named layers of `model` (seed 003).
 
     images: (N, 3, H, W) in [0, 1] with labels (N, 40) in CelebA order (and optional label_mask), or a
