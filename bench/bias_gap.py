@@ -23,7 +23,8 @@ import train  # noqa: E402
 def run(p: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
     cli = train.main([
         "--config", "configs/bias_eyeglasses.yaml", "--trainer.max_epochs", str(args.epochs),
-        "--trainer.logger", "false", "--trainer.default_root_dir", str(out / f"p{p}"),
+        "--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", str(out / f"p{p}"),
+        "--trainer.default_root_dir", str(out / f"p{p}"),
         "--trainer.enable_progress_bar", "false", "--trainer.accelerator", args.accelerator,
         "--data.init_args.p", str(p), "--data.init_args.pool_size", str(args.pool_size),
         "--data.init_args.num_val", str(args.num_val), "--data.init_args.num_workers", str(args.num_workers),
