@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.celeba import CelebADataset, load_image, scan_celeba
+from analysis.verification import read_lfw_pairs
 from datamodules.synthfaces import SynthFaces, _CachedFaces
 from facelens.attributes import NUM_ATTRIBUTES
 from facelens.geometry import MIRROR_PERMUTATION
@@ -159,12 +160,15 @@ class IdentityDataModule(pl.LightningDataModule):
         synth_identities, images_per_identity, synth_size: SynthFaces only (named apart from the model's
             num_identities, which Lightning would otherwise require to be equal in both hparams).
         max_identities: keep only the first identities (quick runs on large folders).
+        pairs_file: an LFW-style `pairs.txt`; its pairs are scored as a second validation set (`val/pairs_*`).
+        pairs_root: folder of the pair images, `<name>/<name>_<NNNN>.jpg` as in LFW (default: root).
     """
 
     def __init__(self, source: str = "synthfaces", root: str | None = None, resize: int = 256, crop: int = 224,
                  grayscale_p: float = 0.2, flip: bool = True, val_per_identity: int = 2, synth_identities: int = 100,
                  images_per_identity: int = 12, synth_size: int = 64, max_identities: int | None = None,
-                 batch_size: int = 64, num_workers: int = 2, seed: int = 0, cache: bool = True):
+                 batch_size: int = 64, num_workers: int = 2, seed: int = 0, cache: bool = True,
+                 pairs_file: str | None = None, pairs_root: str | None = None):
         super().__init__()
         if source not in IDENTITY_SOURCES:
             raise ValueError(f"data.source: {source!r} is not one of {IDENTITY_SOURCES}")
@@ -188,6 +192,8 @@ class IdentityDataModule(pl.LightningDataModule):
         self.identity_names: list[str] = []
         self._num_identities: int | None = synth_identities if source == "synthfaces" else None
         self._generator = torch.Generator().manual_seed(seed)
+        self.pairs: torch.Tensor | None = None  # (P, 2) rows of the pair-image set
+        self.pairs_same: torch.Tensor | None = None  # (P,) bool
 
     @property
     def num_identities(self) -> int:
@@ -249,8 +255,29 @@ class IdentityDataModule(pl.LightningDataModule):
                                  "val": Relabelled(base, val, mapped[val])}
                 self.identity_names = [str(i) for i in ids]
             self._num_identities = len(ids)
+        if h.pairs_file:
+            self._setup_pairs(Path(h.pairs_file), Path(h.pairs_root or h.root or "."))
         rank_zero_info(f"Identity data ({self.source}): {self._num_identities} identities, "
                        f"{len(self.datasets['train'])} training / {len(self.datasets['val'])} held-out images")
+
+    def _setup_pairs(self, pairs_file: Path, root: Path) -> None:
+        """Resolve every image a pairs file names (LFW naming) and keep each image once."""
+        rows: dict[Path, int] = {}
+        pairs = []
+        for number, (name_a, i_a, name_b, i_b) in enumerate(read_lfw_pairs(pairs_file), start=1):
+            ends = []
+            for name, i in ((name_a, i_a), (name_b, i_b)):
+                found = [root / name / f"{name}_{i:04d}{ext}" for ext in (".jpg", ".jpeg", ".png")]
+                path = next((f for f in found if f.is_file()), None)
+                if path is None:
+                    raise FileNotFoundError(f"{pairs_file}, pair {number}: no image {found[0]} (data.pairs_root)")
+                ends.append(rows.setdefault(path, len(rows)))
+            pairs.append(ends)
+        paths = list(rows)
+        h = self.hparams
+        self.datasets["pairs"] = ImageFolderFaces(paths, np.full(len(paths), -1), h.resize, h.crop, False)
+        self.pairs = torch.tensor(pairs, dtype=torch.int64)
+        self.pairs_same = torch.tensor([a == b for a, _, b, _ in read_lfw_pairs(pairs_file)])
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
@@ -262,8 +289,10 @@ class IdentityDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Held-out images of the training identities; plus the pairs-file images when one is given."""
+        held_out = self._loader("val", False)
+        return [held_out, self._loader("pairs", False)] if "pairs" in self.datasets else held_out
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("val", False)

@@ -81,6 +81,8 @@ class RecognitionModule(pl.LightningModule):
         self._val_embeddings: list[torch.Tensor] = []
         self._val_identities: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
+        self._pair_embeddings: list[torch.Tensor] = []
+        self._pair_index: list[torch.Tensor] = []
         if num_identities is not None:
             self._build(num_identities)
 
@@ -127,7 +129,11 @@ class RecognitionModule(pl.LightningModule):
         self.log("train/accuracy", accuracy, on_step=True, on_epoch=True, batch_size=n)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 1:  # images of a pairs file: only their embeddings are needed
+            self._pair_embeddings.append(self.embed(batch["image"]).detach().float())
+            self._pair_index.append(batch["index"].detach())
+            return
         labels = batch["identity"]
         if self.arcface is None:
             embeddings, logits = self.net.embed_and_classify(batch["image"])
@@ -135,15 +141,17 @@ class RecognitionModule(pl.LightningModule):
             embeddings = self.net(batch["image"])
             logits = self.arcface(embeddings)
         n = labels.shape[0]
-        self.log("val/loss", F.cross_entropy(logits.float(), labels), on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("val/loss", F.cross_entropy(logits.float(), labels), on_epoch=True, batch_size=n, sync_dist=True,
+                 add_dataloader_idx=False)
         self.log("val/identification_accuracy", (logits.argmax(1) == labels).float().mean(), on_epoch=True,
-                 batch_size=n, sync_dist=True, prog_bar=True)
+                 batch_size=n, sync_dist=True, prog_bar=True, add_dataloader_idx=False)
         self._val_embeddings.append(embeddings.detach().float())
         self._val_identities.append(labels.detach())
         self._val_index.append(batch["index"].detach() if "index" in batch
                                else torch.full_like(labels, -1))
 
     def on_validation_epoch_end(self) -> None:
+        self._score_pairs_file()
         if not self._val_embeddings:
             return
         embeddings = torch.cat(self._val_embeddings)
@@ -159,7 +167,24 @@ class RecognitionModule(pl.LightningModule):
         result = verify(embeddings, pairs, same, self.far_levels)
         values = {"val/verification_auc": result.roc_auc}
         values.update({f"val/tar@far={far:g}": tar for far, tar in result.tar_at_far.items()})
-        self.log_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()})
+        self.log_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}, add_dataloader_idx=False)
+
+    def _score_pairs_file(self) -> None:
+        """Verification on the datamodule's listed pairs (e.g. LFW pairs.txt), logged as val/pairs_*."""
+        if not self._pair_embeddings:
+            return
+        embeddings, index = torch.cat(self._pair_embeddings), torch.cat(self._pair_index)
+        self._pair_embeddings, self._pair_index = [], []
+        if self.trainer.world_size > 1:
+            embeddings = self.all_gather(embeddings).flatten(0, 1)
+            index = self.all_gather(index).flatten(0, 1)
+        datamodule = self.trainer.datamodule
+        ordered = torch.zeros(int(index.max()) + 1, embeddings.shape[1], device=embeddings.device)
+        ordered[index] = embeddings  # padded repeats write the same row again
+        result = verify(ordered, datamodule.pairs.to(ordered.device), datamodule.pairs_same, self.far_levels)
+        values = {"val/pairs_auc": result.roc_auc}
+        values.update({f"val/pairs_tar@far={far:g}": tar for far, tar in result.tar_at_far.items()})
+        self.log_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}, add_dataloader_idx=False)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -127,3 +127,33 @@ def test_first_occurrence_drops_sampler_padding():
     gathered = torch.tensor([0, 2, 4, 1, 3, 0])
     assert first_occurrence(gathered).tolist() == [0, 1, 2, 3, 4]
     assert first_occurrence(torch.tensor([-1, -1, 5])).tolist() == [0, 1, 2]
+
+
+def test_lfw_pairs_file_scored_as_second_validation_set(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    root = write_folder(tmp_path / "faces", identities=("alice", "bob", "carol", "dave"), per_identity=4)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1\t6\nalice\t1\t2\nbob\t3\t4\ncarol\t1\t3\nalice\t1\tbob\t2\ncarol\t2\tdave\t4\n"
+                     "dave\t1\talice\t4\n")
+    dm = IdentityDataModule(source="folder", root=str(root), resize=32, crop=32, num_workers=0, batch_size=4,
+                            pairs_file=str(pairs))
+    model = RecognitionModule(backbone="resnet18", lr=0.01)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    assert dm.pairs.shape == (6, 2) and dm.pairs_same.tolist() == [True] * 3 + [False] * 3
+    model.eval()
+    with torch.no_grad():
+        images = torch.stack([dm.datasets["pairs"][i]["image"] for i in range(len(dm.datasets["pairs"]))])
+        emb = torch.nn.functional.normalize(model.embed(images), dim=1)
+    scores = (emb[dm.pairs[:, 0]] * emb[dm.pairs[:, 1]]).sum(1)
+    expected = roc_auc_score(dm.pairs_same.numpy(), scores.numpy())
+    assert float(trainer.callback_metrics["val/pairs_auc"]) == pytest.approx(expected, abs=1e-5)
+    assert "val/identification_accuracy" in trainer.callback_metrics  # names unchanged by the second loader
+
+    pairs.write_text("alice\t1\t9\n")
+    with pytest.raises(FileNotFoundError, match="pair 1.*alice_0009"):
+        IdentityDataModule(source="folder", root=str(root), resize=32, crop=32, num_workers=0,
+                           pairs_file=str(pairs)).setup()
