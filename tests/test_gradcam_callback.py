@@ -16,6 +16,7 @@ from analysis.gradcam import grad_cam
 from callbacks.gradcam_amr import GradCamAMRCallback, amr_masks, run_amr
 from datamodules.synthfaces import CONCEPTS, SynthFaces, SynthFacesDataModule
 from datamodules.transforms import frontal_ratio, is_frontal
+from facelens.wandb_io import read_offline_run
 from lightning_modules.attribute_module import AttributeModule
 
 ATTRS = ["Eyeglasses", "Male", "Smiling"]
@@ -81,7 +82,7 @@ def test_callback_writes_json_npz_and_history(fitted):
         assert AMR_KEYS == set(data[name]["amr"])
         assert 0 <= data[name]["error_rate"] <= 1
         assert sum(data[name]["count"][g] for g in ("gt_pos", "gt_neg")) == data[name]["count"]["overall"] == 12
-    assert data["settings"]["masks"] == "drawn" and "correlation" in data
+    assert data["settings"]["masks"] == "drawn" and "correlation" in data and "kl" not in data
     arrays = np.load(files[0].with_suffix(".npz"))
     assert arrays["average_maps"].shape == (len(GROUPS), len(ATTRS), 2, 2)  # layer4 of a 64-px resnet18
     assert list(arrays["attributes"]) == ATTRS
@@ -90,8 +91,12 @@ def test_callback_writes_json_npz_and_history(fitted):
     assert h["gradcam_amr/amr/overall"] == pytest.approx(np.mean([data[n]["amr"]["overall"] for n in ATTRS]))
     assert {"gradcam_amr/amr/gt_pos", "gradcam_amr/amr/gt_neg", "gradcam_amr/error_rate",
             "gradcam_amr/amr_attribute/Eyeglasses"} <= set(h)
-    logged = list(tmp.rglob("*.wandb"))
-    assert logged, "offline W&B run missing"
+    run = read_offline_run(tmp / "wandb")
+    assert run.metric("gradcam_amr/amr/overall")[-1] == pytest.approx(h["gradcam_amr/amr/overall"])
+    tables = [json.loads(p.read_text()) for p in run.media("*.table.json")]
+    table = next(t for t in tables if "gt_pos" in t["columns"])
+    assert [row[0] for row in table["data"]][-1] == "OVERALL" and len(table["data"]) == len(ATTRS) + 1
+    assert len(run.media("*.png")) >= 2, "average-map grids missing"
 
 
 def test_run_amr_matches_per_image_reference(fitted):
@@ -136,25 +141,25 @@ def test_v1_masks_follow_landmarks(fitted):
 def test_analyze_gradcam_writes_json_figures_and_kl(fitted, tmp_path):
     _, ckpt, _, _ = fitted
     out = tmp_path / "out"
-    common = ["--checkpoint", ckpt, "--num-images", "8", "--batch-size", "8", "--device", "cpu"]
-    assert analyze.main(["gradcam", *common, "--out", str(out), "--masks", "v1"]) == 0
+    assert analyze.main(["gradcam", "--checkpoint", ckpt, "--num-images", "8", "--batch-size", "8", "--device",
+                         "cpu", "--out", str(out), "--compare", ckpt, "--masks", "v1", "--random-init"]) == 0
     data = json.loads((out / "gradcam_amr.json").read_text())
-    for name in ATTRS:
+    assert "correlation" in data and data["settings"]["masks"] == "v1"
+    assert set(data["kl"]) == set(ATTRS)
+    base, other = np.load(out / "gradcam_amr.npz"), np.load(out / "gradcam_amr_compare.npz")
+    for i, name in enumerate(ATTRS):
         assert set(data[name]["amr"]) == AMR_KEYS and "error_rate" in data[name]
-    assert "correlation" in data and "kl" not in data
+        assert set(data["compare"][name]["amr"]) == AMR_KEYS
+        # KL(random-init base || trained) of the overall average maps, by hand in float64
+        p = base["average_maps"][0, i].astype(np.float64) + 1e-10
+        q = other["average_maps"][0, i].astype(np.float64) + 1e-10
+        p, q = p / p.sum(), q / q.sum()
+        assert data["kl"][name] == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-9, abs=1e-12)
+        assert data["kl"][name] > 0
     pngs = {p.name for p in out.glob("*.png")}
     assert {"fig5_4_amr_correct_incorrect.png", "fig5_5_amr_present_absent.png", "fig5_6_amr_overall.png",
-            "fig5_8_maps_correct_incorrect.png", "fig5_9_maps_present_absent.png",
+            "fig5_7_kl.png", "fig5_8_maps_correct_incorrect.png", "fig5_9_maps_present_absent.png",
             "fig5_10_maps_overall.png"} <= pngs
-
-    out2 = tmp_path / "cmp"
-    assert analyze.main(["gradcam", *common, "--out", str(out2), "--compare", ckpt, "--masks", "drawn"]) == 0
-    data = json.loads((out2 / "gradcam_amr.json").read_text())
-    assert set(data["kl"]) == set(ATTRS)
-    for name in ATTRS:  # a model compared with itself: identical average maps
-        assert data["kl"][name] == pytest.approx(0.0, abs=1e-9)
-        assert data["compare"][name]["amr"] == data[name]["amr"]
-    assert (out2 / "fig5_7_kl.png").exists()
 
 
 def test_bad_settings_fail_clearly(fitted):
