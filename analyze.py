@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gradcam": ("callbacks.gradcam_amr", "Grad-CAM maps scored by the Acceptable Mask Ratio (seed 004)"),
     "probe": ("callbacks.probing", "PLS + VIP + QDA probes over layers, channels and neurons (seed 003)"),
     "dissect": ("callbacks.dissection", "Network Dissection and Hierarchical Network Dissection (seed 002)"),
+    "report": ("analysis.report", "Offline HTML report (+ W&B) comparing runs or sweeps: figures, tables, findings"),
 }
 
 

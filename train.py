@@ -40,4 +40,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["sweep"]:
+        import experiments
+
+        sys.exit(experiments.main(sys.argv[2:]))
     main(sys.argv[1:])
