@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("callbacks.probing", "PLS + VIP + QDA probes over layers, channels and neurons (seed 003)"),
     "dissect": ("callbacks.dissection", "Network Dissection and Hierarchical Network Dissection (seed 002)"),
     "report": ("analysis.report", "Offline HTML report (+ W&B) comparing runs or sweeps: figures, tables, findings"),
+    "saliency": ("callbacks.saliency", "Occlusion, SmoothGrad, IG and Grad-CAM maps with deletion/insertion, pointing and randomisation checks (seed 001)"),
 }
 
 
