@@ -301,4 +301,6 @@ def saliency(model: nn.Module, images: torch.Tensor, method: str, targets=None, 
     try:
         return functions[method](model, images, **common, **kw)
     except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
         raise ValueError(f"saliency: bad option for {method}: {err}") from None
