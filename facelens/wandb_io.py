@@ -2,17 +2,64 @@
 from __future__ import annotations
 
 import json
+import netrc
 import os
+import socket
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 def default_offline() -> None:
     """Offline unless the user chose a mode; `WANDB_MODE=disabled` or `online` are respected."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+
+
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+
+def _has_api_key(base_url: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlsplit(base_url).hostname or ""
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _reachable(base_url: str, timeout: float) -> str | None:
+    """None when a TCP connection to the W&B server opens within `timeout` seconds, else the reason."""
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"cannot reach {parts.hostname}:{port} ({err})"
+
+
+def wandb_preflight(timeout: float = 3.0) -> str:
+    """Before a logger starts: in online mode without an API key or without a reachable server, switch to
+    offline with a warning (the run can be uploaded later with `wandb sync`), so a job never hangs on the
+    network. Returns the mode in effect. `WANDB_MODE` other than `online` is left alone."""
+    mode = os.environ.get("WANDB_MODE", "offline")
+    if mode != "online":
+        return mode
+    base_url = os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
+    problem = None if _has_api_key(base_url) else "no API key (set WANDB_API_KEY or run `wandb login`)"
+    problem = problem or _reachable(base_url, timeout)
+    if problem is None:
+        return mode
+    os.environ["WANDB_MODE"] = "offline"
+    warnings.warn(f"W&B: WANDB_MODE=online but {problem} for {base_url}; logging offline instead. "
+                  f"Upload later with `wandb sync <run folder>`.", RuntimeWarning, stacklevel=2)
+    return "offline"
 
 
 _HEADER = struct.Struct("<4sHB")  # ":W&B", magic 0xBEE1, version
