@@ -15,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.celeba import CelebADataModule
+from datamodules.sampling import EpochShuffle
 from datamodules.synthfaces import SynthFaces, _CachedFaces, sample_labels
 from facelens.attributes import ATTRIBUTE_INDEX, CELEBA_ATTRIBUTES
 
@@ -293,8 +294,9 @@ class BiasedDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup()
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+        dataset = self.datasets[split]
+        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 

@@ -27,6 +27,7 @@ from PIL import Image
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.sampling import EpochShuffle
 from facelens.attributes import CELEBA_ATTRIBUTES, CELEBA_POSITIVE_RATE, NUM_ATTRIBUTES
 from facelens.geometry import LANDMARK_NAMES, transform_points, warp
 
@@ -515,7 +516,9 @@ class CelebADataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup()
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+        dataset = self.datasets[split]
+        sampler = EpochShuffle(len(dataset), self.hparams.seed or 0) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.celeba import CelebADataset, load_image, scan_celeba
 from analysis.verification import read_lfw_pairs
+from datamodules.celeba import CelebADataset, load_image, scan_celeba
+from datamodules.sampling import EpochShuffle
 from datamodules.synthfaces import SynthFaces, _CachedFaces
 from facelens.attributes import NUM_ATTRIBUTES
 from facelens.geometry import MIRROR_PERMUTATION
@@ -281,8 +282,9 @@ class IdentityDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+        dataset = self.datasets[split]
+        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 

@@ -30,6 +30,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy.special import ndtr, ndtri
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.sampling import EpochShuffle
+from datamodules.transforms import AffactAugment, AffactAugmentConfig
 from facelens.attributes import (
     ATTRIBUTE_INDEX,
     CELEBA_ATTRIBUTES,
@@ -37,7 +39,6 @@ from facelens.attributes import (
     NUM_ATTRIBUTES,
     resolve_attributes,
 )
-from datamodules.transforms import AffactAugment, AffactAugmentConfig
 from facelens.geometry import LANDMARK_NAMES, canonical_landmarks
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -979,8 +980,9 @@ class SynthFacesDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup(None)
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+        dataset = self.datasets[split]
+        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
