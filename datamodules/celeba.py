@@ -31,6 +31,7 @@ from datamodules.sampling import EpochShuffle
 from facelens.attributes import CELEBA_ATTRIBUTES, CELEBA_POSITIVE_RATE, NUM_ATTRIBUTES
 from facelens.geometry import LANDMARK_NAMES, transform_points, warp
 
+from .jpeg_batches import JPEG_KEY, NAME_KEY, collate_jpeg, decode_batch, read_jpeg, split_jpeg
 from .transforms import (
     AffactAugment,
     AffactAugmentConfig,
@@ -423,32 +424,39 @@ def load_image(path: Path) -> torch.Tensor:
 
 
 class CelebADataset(Dataset):
-    """Batch-contract samples, AFFACT-cropped onto a `load_size` canvas (face box `image_size`, centred)."""
+    """Batch-contract samples, AFFACT-cropped onto a `load_size` canvas (face box `image_size`, centred).
 
-    def __init__(self, index: CelebAIndex, rows: np.ndarray, image_size: int, load_size: int):
+    With `raw` the sample holds the JPEG bytes and file name instead of `image`, and source-pixel
+    landmarks: `datamodules.jpeg_batches.decode_batch` decodes and crops the whole batch on its device.
+    """
+
+    def __init__(self, index: CelebAIndex, rows: np.ndarray, image_size: int, load_size: int,
+                 raw: bool = False):
         self.image_dir = index.files.image_dir
         self.names = [index.names[i] for i in rows]
         self.attributes = torch.from_numpy((index.attributes[rows] > 0).astype(np.float32))
         self.landmarks = torch.from_numpy(index.landmarks[rows].astype(np.float32))
         self.identity = torch.from_numpy(index.identity[rows])
         self.image_size, self.load_size = int(image_size), int(load_size)
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image = load_image(self.image_dir / self.names[i])
-        lm = self.landmarks[i : i + 1]
-        m = affact_crop_matrix(lm, self.image_size, self.load_size)
-        crop = warp(image[None], m, self.load_size)[0].clamp_(0, 1)
-        return {
-            "image": crop,
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = {
             "attributes": self.attributes[i],
             "attribute_mask": torch.ones(NUM_ATTRIBUTES, dtype=torch.bool),
-            "landmarks": transform_points(m, lm.double())[0].float(),
             "identity": self.identity[i],
             "index": torch.tensor(i, dtype=torch.int64),
         }
+        path = self.image_dir / self.names[i]
+        lm = self.landmarks[i : i + 1]
+        if self.raw:
+            return {**sample, JPEG_KEY: read_jpeg(path), NAME_KEY: str(path), "landmarks": lm[0].clone()}
+        m = affact_crop_matrix(lm, self.image_size, self.load_size)
+        crop = warp(load_image(path)[None], m, self.load_size)[0].clamp_(0, 1)
+        return {**sample, "image": crop, "landmarks": transform_points(m, lm.double())[0].float()}
 
 
 class CelebADataModule(pl.LightningDataModule):
@@ -456,7 +464,8 @@ class CelebADataModule(pl.LightningDataModule):
 
     frontal_only keeps only faces whose `frontal_ratio` < frontal_threshold in `frontal_splits`
     (default the evaluation splits, as seed 004 did); augment None means the default AFFACT
-    augmentation, augment_train False trains on centre crops.
+    augmentation, augment_train False trains on centre crops. decode_on_device: workers only read the JPEG
+    bytes; the batch is decoded (nvjpeg on CUDA) and cropped on its device (`datamodules.jpeg_batches`).
     """
 
     def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, num_workers: int = 4,
@@ -465,7 +474,7 @@ class CelebADataModule(pl.LightningDataModule):
                  augment: AffactAugmentConfig | None = None, augment_train: bool = True,
                  load_scale: float = 1.25,
                  max_samples_per_split: int | None = None, check_image_sizes: bool = True,
-                 seed: int | None = None, pin_memory: bool = False):
+                 seed: int | None = None, pin_memory: bool = False, decode_on_device: bool = False):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"CelebADataModule.layout must be one of {LAYOUTS}, got {layout!r}")
@@ -493,7 +502,7 @@ class CelebADataModule(pl.LightningDataModule):
         self.frontal_threshold = frontal_threshold
         self.load_size = int(math.ceil(image_size * load_scale))
         self.max_samples_per_split, self.check_image_sizes = max_samples_per_split, check_image_sizes
-        self.pin_memory = pin_memory
+        self.pin_memory, self.decode_on_device = pin_memory, decode_on_device
         self.augment_train = augment_train
         self.augment = AffactAugment(augment or AffactAugmentConfig(), image_size, seed=seed)
         self.centre_crop = AffactCentreCrop(image_size)
@@ -505,7 +514,8 @@ class CelebADataModule(pl.LightningDataModule):
             return
         self.index = scan_celeba(self.root, self.layout, self.images, self.frontal_only, self.frontal_splits,
                                  self.frontal_threshold, self.max_samples_per_split, self.check_image_sizes)
-        self.datasets = {s: CelebADataset(self.index, rows, self.image_size, self.load_size)
+        self.datasets = {s: CelebADataset(self.index, rows, self.image_size, self.load_size,
+                                          self.decode_on_device)
                          for s, rows in self.index.splits.items()}
         kept = ", ".join(f"{s} {k}/{n}" for s, (k, n) in self.index.frontal_kept.items())
         used = "applied to " + "/".join(self.frontal_splits) if self.frontal_only else "not applied"
@@ -520,7 +530,8 @@ class CelebADataModule(pl.LightningDataModule):
         sampler = EpochShuffle(len(dataset), self.hparams.seed or 0) if shuffle else None
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          collate_fn=collate_jpeg if self.decode_on_device else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -532,8 +543,21 @@ class CelebADataModule(pl.LightningDataModule):
         return self._loader("test", False)
 
     def transform_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
-        """Random AFFACT augmentation when training (and augment_train), else the centre crop."""
+        """Random AFFACT augmentation when training (and augment_train), else the centre crop.
+
+        A batch of JPEG bytes (decode_on_device) is first decoded and cropped onto the canvas on the device of
+        its landmarks.
+        """
+        if JPEG_KEY in batch:
+            batch = decode_batch(batch, self.image_size, self.load_size)
         return self.augment(batch) if train and self.augment_train else self.centre_crop(batch)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """JPEG bytes stay in host memory, where `decode_jpeg` reads them; the rest moves."""
+        if isinstance(batch, dict) and JPEG_KEY in batch:
+            jpeg, rest = split_jpeg(batch)
+            return {**super().transfer_batch_to_device(rest, device, dataloader_idx), **jpeg}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
