@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(PY) train.py fit --config configs/quickstart.yaml
+	id=demo-$$(date +%Y%m%d-%H%M%S) && \
+	$(PY) train.py sweep --experiment eyeglasses --p 50 100 --config-overlay configs/demo.yaml --sweep-id $$id \
+	  --random-init-probes && \
+	$(PY) analyze.py report --runs sweeps/$$id --out reports/$$id --wandb
 
 test: setup
 	$(PY) -m pytest -q

@@ -241,13 +241,13 @@ def eye_share(result: AMRResult, attribute: str = "Male") -> float | None:
     if attribute not in result.attributes:
         return None
     m = result.average_maps[GROUPS.index("overall"), result.attributes.index(attribute)]
-    if m.ndim != 2 or m.shape[0] < 7 or not np.isfinite(m).all() or m.sum() <= 0:
+    if m.ndim != 2 or not np.isfinite(m).all() or m.sum() <= 0:
         return None
     import torch
 
     from analysis.gradcam import upsample_maps
 
-    size = max(m.shape[-1], 56)
+    size = max(m.shape[-1], 64)  # upsampled as the AMR upsamples maps to the mask resolution
     up = upsample_maps(torch.from_numpy(m[None, None]), size)[0, 0].numpy() if m.shape[-1] != size else m
     mask = masks_v2(size, ["Eyeglasses"])[0].numpy()
     return float(up[mask].sum() / up.sum())
@@ -923,7 +923,9 @@ def log_to_wandb(rep: Report, out: Path, group: str | None = None) -> None:
         columns=["claim", "verdict", "numbers"],
         data=[[c, {True: "holds", False: "does not hold", None: "not measured"}[h], e] for c, h, e in rep.findings])
     run.log(payload)
+    where = Path(run.dir).parent
     run.finish()
+    print(f"W&B report run: {where}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
