@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     for i, layer in enumerate(layers):
         print(f"{layer:<10}" + "".join(f"{curve[i]:14.3f}" for curve in curves.values()))
     for label, curve in curves.items():
-        print(f"{label:<12} mean over depth {sum(curve) / len(curve):.3f}   later half {sum(curve[half:]) / (len(curve) - half):.3f}")
+        later = sum(curve[half:]) / (len(curve) - half)
+        print(f"{label:<12} mean over depth {sum(curve) / len(curve):.3f}   later half {later:.3f}")
     last = layers[-1]
     gains = {a: results["trained"][(last, a)].layer_acc - results["random init"][(last, a)].layer_acc
              for a in args.attributes}

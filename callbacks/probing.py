@@ -81,7 +81,8 @@ def labelled_attributes(data: dict[str, torch.Tensor], requested: Sequence[str] 
     return [n for n in names if n in labelled]
 
 
-def feasible_attributes(data: dict[str, torch.Tensor], attributes: Sequence[str], n_train: int) -> tuple[list[str], dict]:
+def feasible_attributes(data: dict[str, torch.Tensor], attributes: Sequence[str],
+                        n_train: int) -> tuple[list[str], dict]:
     """Split attributes into those with enough labelled samples of each class for a balanced training set of
     n_train plus validation, and the rest with their class counts."""
     keep, skipped = [], {}
