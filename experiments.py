@@ -165,7 +165,12 @@ def probe_random_init(run_dir: Path, python: str) -> list[str] | None:
     if probing is None or not ckpt.is_file():
         return None
     a = probing.get("init_args") or {}
+    data = (config.get("data") or {}).get("init_args") or {}
+    source = ["--data", "celeba", "--root", str(data["root"])] if data.get("source") == "celeba" or (
+        data.get("root") and "source" not in data) else ["--data", "synthfaces"]
+    size = data.get("image_size") or data.get("size")
     cmd = [python, _display_path(REPO / "analyze.py"), "probe", "--checkpoint", str(ckpt), "--compare-random",
+           *source, *(["--size", str(size)] if size else []),
            "--out", str(run_dir / "analysis" / "probing_random_init"), "--split", a.get("split", "val"),
            "--num-images", str(a.get("num_images", 1024)), "--n-train", str(a.get("n_train", 256)),
            "--n-val", str(a.get("n_val", 256)), "--seed", str(a.get("seed", 0))]

@@ -491,7 +491,9 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.3f}"
+        if math.isnan(v):
+            return "nan"
+        return str(int(v)) if v.is_integer() and abs(v) > 1 else f"{v:.3f}"
     return str(v)
 
 
@@ -857,7 +859,7 @@ def answers(rep: Report, runs: Sequence[Run]) -> None:
         elif series:
             rep.text(f"Since which checkpoint: {worst.label}'s gap per epoch: "
                      + ", ".join(f"{e}: {v:.3f}" for e, v in sorted(series.items()))
-                     + f"; it does not stay above {base.label}'s from any epoch on.")
+                     + (f"; it does not stay above {base.label}'s from any epoch on." if base is not worst else "."))
         if worst.dissection and base is not worst and base.dissection:
             w, b = worst.last("dissection"), base.last("dissection")
             diffs = {lay: (biased_units(w[lay], "gender") or 0) - (biased_units(b[lay], "gender") or 0)

@@ -128,3 +128,26 @@ def test_tiny_real_sweep_writes_runs_json(tmp_path, monkeypatch):
         assert config["trainer"]["logger"]["init_args"]["group"] == "tiny"
         assert config["trainer"]["logger"]["init_args"]["name"] == r["name"]
     assert sys.executable in manifest["runs"][0]["command"][0]
+
+
+def test_random_init_probe_command_follows_the_run_config(tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    probing = {"class_path": "callbacks.probing.ProbingCallback",
+               "init_args": {"layers": "blocks", "attributes": ["Male", "Eyeglasses"], "n_train": 64, "n_val": 32,
+                             "num_images": 256}}
+    for data, expected in (({"source": "synthfaces", "root": None, "image_size": 48}, ["--data", "synthfaces"]),
+                           ({"source": "celeba", "root": "/c", "image_size": 96}, ["--data", "celeba", "--root", "/c"])):
+        (run / "config.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [probing]},
+                                                          "data": {"init_args": data}}))
+        cmd = experiments.probe_random_init(run, "py")
+        assert cmd[2:4] == ["probe", "--checkpoint"] and "--compare-random" in cmd
+        assert cmd[cmd.index("--data"):cmd.index("--data") + len(expected)] == expected
+        assert option(cmd, "--size") == str(data["image_size"]) and option(cmd, "--n-train") == "64"
+        assert option(cmd, "--out") == str(run / "analysis" / "probing_random_init")
+        assert cmd[cmd.index("--attributes") + 1:] == ["Male", "Eyeglasses"] and option(cmd, "--layers") == "blocks"
+    (run / "config.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": []}}))
+    assert experiments.probe_random_init(run, "py") is None
