@@ -13,6 +13,7 @@ from lightning_modules.losses import attribute_loss
 from lightning_modules.metrics import AttributeConfusion
 
 OPTIMIZERS = ("adamw", "sgd")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULERS = ("cosine", "plateau", "none")
 
 
@@ -27,14 +28,21 @@ class AttributeModule(pl.LightningModule):
         source_rates: training positive rate per attribute; None asks the datamodule (`positive_rates()`).
         moon_sampling: keep errors by Bernoulli draws as in MOON instead of weighting by their probability.
         pretrained_path: local weights file for the backbone (nothing is downloaded).
-        channels_last: run convolutions in channels-last memory format.
+        channels_last: network weights and inputs in channels-last memory format (faster convolutions with
+            bf16 on tensor cores).
+        compile: run training and evaluation steps through `torch.compile(self.net)` (`compile_mode` for the
+            inductor backend, `compile_backend` any dynamo backend). `self.net` itself stays the eager module,
+            so layer names, state_dict keys and checkpoints are unchanged, and a forward pass falls back to it
+            whenever a hook is attached to any of its layers: a compiled graph silently skips hooks added after
+            it was compiled, so analyses (Grad-CAM, probing, dissection hooks) always see every layer.
     """
 
     def __init__(self, backbone: str = "resnet50", attributes: list[str] | None = None, loss: str = "unbalanced",
                  target_rate: float = 0.5, source_rates: dict[str, float] | None = None,
                  moon_sampling: bool = False, optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 1e-4, momentum: float = 0.9, scheduler: str = "cosine",
-                 warmup_epochs: int = 0, pretrained_path: str | None = None, channels_last: bool = False):
+                 warmup_epochs: int = 0, pretrained_path: str | None = None, channels_last: bool = False,
+                 compile: bool = False, compile_mode: str = "default", compile_backend: str = "inductor"):
         super().__init__()
         self.attribute_names = resolve_attributes(attributes, "model.attributes")
         check_backbone(backbone, "model.backbone")
@@ -44,6 +52,14 @@ class AttributeModule(pl.LightningModule):
             raise ValueError(f"model.optimizer: {optimizer!r} is not one of {OPTIMIZERS}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"model.scheduler: {scheduler!r} is not one of {SCHEDULERS}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode: {compile_mode!r} is not one of {COMPILE_MODES}")
+        if compile:
+            from torch import _dynamo
+
+            if compile_backend not in _dynamo.list_backends(exclude_tags=()):
+                raise ValueError(f"model.compile_backend: {compile_backend!r} is not a torch.compile backend; "
+                                 f"available: {_dynamo.list_backends()}")
         if not 0 < target_rate < 1:
             raise ValueError(f"model.target_rate: {target_rate} must lie strictly between 0 and 1")
         if source_rates is not None:
@@ -82,7 +98,24 @@ class AttributeModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return self._network()(images)
+
+    def _network(self) -> torch.nn.Module:
+        """The compiled network (built on first use), or the eager one when compile is off or a hook is set."""
+        hp = self.hparams
+        if not hp.compile or _has_hooks(self.net):
+            return self.net
+        compiled = self.__dict__.get("_compiled_net")
+        if compiled is None:
+            mode = hp.compile_mode if hp.compile_backend == "inductor" else None
+            compiled = torch.compile(self.net, mode=mode, backend=hp.compile_backend)
+            self.__dict__["_compiled_net"] = compiled  # not a registered submodule: state_dict keys unchanged
+        return compiled
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_compiled_net", None)  # compiled graphs do not pickle; rebuilt on first use
+        return state
 
     def _loss(self, logits, targets, mask) -> torch.Tensor:
         return attribute_loss(logits.float(), targets, mask, self.hparams.loss, self.source_rate,
@@ -167,6 +200,15 @@ class AttributeModule(pl.LightningModule):
     @property
     def attributes(self) -> Sequence[str]:
         return self.attribute_names
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether any forward / backward hook is registered on `module` or a sub-module (or globally)."""
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in module.modules())
 
 
 __all__ = ["AttributeModule", "CELEBA_ATTRIBUTES"]
