@@ -1,8 +1,11 @@
 """Seed 003 Fig 5.4 contrast on SynthFaces: do a trained model's later layers probe better than the
 same network at random initialisation, for attributes drawn in the image?
 
-    python bench/probing_trained_vs_random.py                    # resnet18, 64 px, 4 epochs: ~5-10 min on 2 cores
-    python bench/probing_trained_vs_random.py --epochs 2 --num-train 1000 --out /tmp/fig54
+    python bench/probing_trained_vs_random.py --out /tmp/fig54   # resnet18, 64 px, 1500 faces x 3 epochs
+    python bench/probing_trained_vs_random.py --epochs 2 --num-train 1000   # quicker, weaker contrast
+
+The defaults took 11 min on 2 cores shared with other jobs (load ~8: 9 min training, 1.5 min probing);
+mean layer accuracy over the later half of the blocks: trained 0.707, random init 0.589.
 
 Trains a resnet18 AttributeModule, probes the residual-block outputs of the trained network and of a copy
 taken before training (same seed, same probe samples), and prints both depth curves (mean layer accuracy
@@ -34,8 +37,8 @@ DRAWN = ["Eyeglasses", "Wearing_Hat", "Smiling", "Male", "Bangs", "Mustache", "W
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attributes", nargs="+", default=DRAWN, help="drawn SynthFaces attributes to train and probe")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--num-train", type=int, default=1500)
     parser.add_argument("--num-images", type=int, default=1024, help="validation pool the probe samples come from")
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-val", type=int, default=256)
