@@ -918,9 +918,9 @@ def log_to_wandb(rep: Report, out: Path, group: str | None = None) -> None:
 
     default_offline()
     run = wandb.init(project="facelens", job_type="report", group=group, dir=str(out), name="report")
-    payload: dict[str, Any] = {f"report/{k}": wandb.Image(str(p)) for k, p in rep.figures.items()}
+    payload: dict[str, Any] = {f"report/figure/{k}": wandb.Image(str(p)) for k, p in rep.figures.items()}
     for name, (cols, rows) in rep.tables.items():
-        payload[f"report/{name}"] = wandb.Table(columns=cols, data=[[_fmt(v) for v in r] for r in rows])
+        payload[f"report/table/{name}"] = wandb.Table(columns=cols, data=[[_fmt(v) for v in r] for r in rows])
     payload["report/findings"] = wandb.Table(
         columns=["claim", "verdict", "numbers"],
         data=[[c, {True: "holds", False: "does not hold", None: "not measured"}[h], e] for c, h, e in rep.findings])

@@ -249,3 +249,23 @@ def test_report_renders_in_headless_chromium(report):
     assert int(m.group(1)) == len(page.images) >= 10
     assert int(m.group(2)) == len(page.tables) >= 9
     assert m.group(3) == "", f"broken images: {m.group(3)}"
+
+
+def test_wandb_report_run_gets_every_figure_and_table(tmp_path, monkeypatch):
+    import wandb
+
+    from facelens.wandb_io import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = write_run(tmp_path / "eye100", {"data": {"init_args": {"bias": "eyeglasses", "p": 100}}},
+                    {"val/bias/gap": 0.4}, probes={1: probing(0.8)}, amrs={1: amr(["Male"], {"Male": 0.3})},
+                    random_probe=probing(0.5))
+    out = tmp_path / "out"
+    build_report([run], out, wandb=True)
+    wandb.finish()
+    page = parse(out / "report.html")
+    logged = read_offline_run(out / "wandb")
+    images = {p.name.split("_0_")[0] for p in logged.media("*.png")}
+    assert images == {Path(src).stem for src in page.images}
+    tables = {p.name.split("_0_")[0] for p in logged.media("*.table.json")}
+    assert {t for t in page.tables if t != "findings-table"} | {"findings"} == tables
