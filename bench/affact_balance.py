@@ -56,6 +56,8 @@ def main() -> None:
         for loss in ("unbalanced", "balanced"):
             report, seconds, steps = train_one(loss, args, Path(tmp) / loss)
             results[loss] = {"report": report, "seconds": seconds, "steps": steps}
+            print(f"{loss}: mean error {report.mean_error:.4f}, mean balanced error {report.mean_balanced_error:.4f}"
+                  f" after {steps} steps ({seconds:.0f} s)", flush=True)
     ub, b = results["unbalanced"]["report"], results["balanced"]["report"]
     print(f"\nSynthFaces (CelebA priors), {args.backbone} @ {args.size}px, {results['balanced']['steps']} steps each")
     print(f"{'':14}{'mean error':>12}{'mean balanced error':>22}{'seconds':>10}")
