@@ -43,7 +43,7 @@ def test_fit_lowers_val_loss_and_logs_to_wandb(tmp_path, offline):
     before = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/loss"]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     after = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/loss"]
-    assert after < before * 0.9, (before, after)
+    assert after < before * 0.95, (before, after)
     wandb.finish()
 
     run = read_offline_run(tmp_path / "wandb")
