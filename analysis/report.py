@@ -493,7 +493,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"
-        return str(int(v)) if v.is_integer() and abs(v) > 1 else f"{v:.3f}"
+        return str(int(v)) if v.is_integer() else f"{v:.3f}"
     return str(v)
 
 
@@ -834,8 +834,10 @@ def claim_probes(rep: Report, runs: Sequence[Run]) -> None:
         last = trained.layers[-1]
         t, z = mean_probe_accuracy(trained, last), mean_probe_accuracy(rnd, last)
         tm, zm = mean_probe_accuracy(trained), mean_probe_accuracy(rnd)
-        ok &= t > z
-        parts.append(f"{r.label}: last layer {t:.3f} vs {z:.3f}, mean over layers {tm:.3f} vs {zm:.3f}")
+        ok &= t > z and tm > zm
+        fails = [w for w, a, b in (("last layer", t, z), ("mean over layers", tm, zm)) if not a > b]
+        parts.append(f"{r.label}: last layer {t:.3f} vs {z:.3f}, mean over layers {tm:.3f} vs {zm:.3f}"
+                     + (f" (not above random init: {', '.join(fails)})" if fails else ""))
     rep.finding(claim, ok, "; ".join(parts) + " (mean balanced accuracy over the probed attributes)")
 
 
@@ -867,9 +869,10 @@ def answers(rep: Report, runs: Sequence[Run]) -> None:
                      for lay in w if lay in b}
             if diffs:
                 where = max(diffs, key=diffs.get)
-                rep.text(f"Where: the layer where {worst.label} differs most from {base.label} in gender-biased plus "
-                         f"eye-region units is {where} ({diffs[where]:+d} units; per layer "
+                rep.text(f"Where (dissection): the layer where {worst.label} has the most gender-biased plus "
+                         f"eye-region units more than {base.label} is {where} ({diffs[where]:+d} units; per layer "
                          + ", ".join(f"{k} {v:+d}" for k, v in diffs.items()) + ").")
+        _where_probing(rep, worst, base)
     else:
         rep.text("No run carries bias-group metrics (val/bias/*), so the report cannot rank models by bias.")
     pair = affact_pair(runs)
@@ -877,6 +880,35 @@ def answers(rep: Report, runs: Sequence[Run]) -> None:
         b, u = pair[0].last("amr"), pair[1].last("amr")
         rep.text(f"Balanced vs unbalanced: mean error {b.mean_row()['error_rate']:.3f} vs {u.mean_row()['error_rate']:.3f}, "
                  f"mean AMR {b.mean_row()['overall']:.3f} vs {u.mean_row()['overall']:.3f}.")
+
+
+BIAS_ATTRIBUTE = {"eyeglasses": "Eyeglasses"}
+
+
+def _where_probing(rep: Report, worst: Run, base: Run) -> None:
+    """Where the bias concept becomes decodable: per layer, probe accuracy of the concept in the most vs the least
+    biased model (last probed checkpoint), and the first checkpoint from which the last layer stays ahead."""
+    concept = BIAS_ATTRIBUTE.get(worst.experiment or "")
+    a, b = worst.last("probing"), base.last("probing")
+    if base is worst or concept is None or a is None or b is None or concept not in a.attributes \
+            or concept not in b.attributes:
+        return
+    layers = [lay for lay in a.layers if lay in b.layers]
+    diff = {lay: a[(lay, concept)].layer_acc - b[(lay, concept)].layer_acc for lay in layers}
+    where = max(diff, key=diff.get)
+    first = next((lay for lay in layers if diff[lay] > 0.1), None)
+    last = layers[-1]
+    va = {e: r[(last, concept)].layer_acc for e, r in worst.probing.items() if (last, concept) in r.entries}
+    vb = {e: r[(last, concept)].layer_acc for e, r in base.probing.items() if (last, concept) in r.entries}
+    since = first_epoch_holding(sorted(set(va) & set(vb)), va, vb)
+    rep.text(f"Where (probing): {concept} is decodable from {worst.label} far better than from {base.label} "
+             f"{'from ' + first + ' on (first layer more than 0.1 ahead)' if first else 'nowhere by more than 0.1'}; "
+             f"the largest difference is at {where} ({a[(where, concept)].layer_acc:.3f} vs "
+             f"{b[(where, concept)].layer_acc:.3f}); per layer: "
+             + ", ".join(f"{lay} {d:+.3f}" for lay, d in diff.items())
+             + (f". At {last} it is ahead since the epoch-{since} checkpoint (" + ", ".join(
+                 f"epoch {e}: {va[e]:.3f} vs {vb[e]:.3f}" for e in sorted(set(va) & set(vb))) + ")." if since is not None
+                else "."))
 
 
 # --------------------------------------------------------------------------------------------------
