@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,8 @@ class AttributeReport:
         tp, fp, tn, fn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, tn, fn))
         pos, neg = tp + fn, tn + fp
         total = pos + neg
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an attribute without labels
             rate = pos / total
             err_pos = fn / pos
             err_neg = fp / neg
@@ -36,7 +38,8 @@ class AttributeReport:
                 error_rate=(fp + fn) / total,
                 error_pos=err_pos,
                 error_neg=err_neg,
-                balanced_accuracy=1 - (np.nan_to_num(err_pos) + np.nan_to_num(err_neg)) / 2,
+                # mean recall over the classes present; NaN for an attribute with no known label at all
+                balanced_accuracy=np.nanmean(np.stack([1 - err_pos, 1 - err_neg]), axis=0),
                 majority_error=np.minimum(rate, 1 - rate),
                 support=total,
             )
