@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.celeba import CelebADataModule
-from datamodules.sampling import EpochShuffle
+from datamodules.sampling import make_loader
 from datamodules.synthfaces import SynthFaces, _CachedFaces, sample_labels
 from facelens.attributes import ATTRIBUTE_INDEX, CELEBA_ATTRIBUTES
 
@@ -294,11 +294,7 @@ class BiasedDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup()
-        dataset = self.datasets[split]
-        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return make_loader(self.datasets[split], self.batch_size, self.num_workers, shuffle, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -27,7 +27,7 @@ from PIL import Image
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.sampling import EpochShuffle
+from datamodules.sampling import make_loader
 from facelens.attributes import CELEBA_ATTRIBUTES, CELEBA_POSITIVE_RATE, NUM_ATTRIBUTES
 from facelens.geometry import LANDMARK_NAMES, transform_points, warp
 
@@ -526,12 +526,8 @@ class CelebADataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup()
-        dataset = self.datasets[split]
-        sampler = EpochShuffle(len(dataset), self.hparams.seed or 0) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0,
-                          collate_fn=collate_jpeg if self.decode_on_device else None)
+        return make_loader(self.datasets[split], self.batch_size, self.num_workers, shuffle, self.hparams.seed or 0,
+                           self.pin_memory, collate_jpeg if self.decode_on_device else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

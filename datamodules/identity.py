@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from analysis.verification import read_lfw_pairs
 from datamodules.celeba import CelebADataset, load_image, scan_celeba
-from datamodules.sampling import EpochShuffle
+from datamodules.sampling import make_loader
 from datamodules.synthfaces import SynthFaces, _CachedFaces
 from facelens.attributes import NUM_ATTRIBUTES
 from facelens.geometry import MIRROR_PERMUTATION
@@ -282,11 +282,7 @@ class IdentityDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        dataset = self.datasets[split]
-        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return make_loader(self.datasets[split], self.batch_size, self.num_workers, shuffle, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class EpochShuffle(Sampler[int]):
@@ -23,3 +23,13 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int = 0,
+                pin_memory: bool | None = None, collate_fn=None) -> DataLoader:
+    """The loader every datamodule uses: `EpochShuffle` when shuffling, persistent workers, pinned host memory
+    when a GPU is present (unless `pin_memory` says otherwise)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
+                      num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                      collate_fn=collate_fn)

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy.special import ndtr, ndtri
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.sampling import EpochShuffle
+from datamodules.sampling import make_loader
 from datamodules.transforms import AffactAugment, AffactAugmentConfig
 from facelens.attributes import (
     ATTRIBUTE_INDEX,
@@ -980,11 +980,7 @@ class SynthFacesDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup(None)
-        dataset = self.datasets[split]
-        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return make_loader(self.datasets[split], self.batch_size, self.num_workers, shuffle, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
