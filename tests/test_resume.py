@@ -52,6 +52,9 @@ def assert_same_end(reference: Path, resumed: Path) -> None:
     assert a["global_step"] == b["global_step"] == 12 and a["epoch"] == b["epoch"]
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.isfinite(v).all() for v in b["state_dict"].values() if v.is_floating_point())
+    differ = [k for k in a["state_dict"] if not torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(),
+                                                                rtol=1e-5, atol=1e-6)]
+    assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:3]}"
     metrics = json.loads((resumed / "summary.json").read_text())["metrics"]
     assert {"val/loss", "val/mean_error"} <= metrics.keys()
 
@@ -114,7 +117,7 @@ def test_ckpt_path_last_resumes_the_newest_run(tmp_path, offline):
     assert {p.name.rsplit("-", 1)[-1] for p in runs} == {first.name}  # W&B continues the same run id
     resumed = read_offline_run(runs[-1])
     steps = resumed.metric("trainer/global_step")
-    assert steps and min(steps) >= stopped_at and steps == sorted(steps)  # no restart from step 0
+    assert steps and min(steps) >= stopped_at  # continues from the checkpoint, no restart from step 0
 
 
 def test_ckpt_path_last_without_a_run_starts_fresh(tmp_path, offline):
@@ -127,25 +130,28 @@ def test_ckpt_path_last_without_a_run_starts_fresh(tmp_path, offline):
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     """A real process killed with SIGKILL after its first checkpoint resumes from the last epoch-boundary
     last.ckpt into the same run folder and ends at the same step as an uninterrupted run."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    # no WANDB_* from this process: an earlier in-process run leaves its service address there for children
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), PYTHONUNBUFFERED="1")
     command = [sys.executable, "train.py", "fit"]
     reference = tmp_path / "reference"
     subprocess.run([*command, *args(reference)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
 
     work = tmp_path / "work"
     proc = subprocess.Popen([*command, *args(work, "--trainer.max_epochs", "3")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
     while not list((work / "runs").glob("*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
         assert proc.poll() is None, "training ended before writing a checkpoint"
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, W&B's service process included, as a preemption does
     proc.wait()
     killed = only_run(work)
     assert read_checkpoint(killed / "checkpoints" / "last.ckpt")["global_step"] < 12
     assert not (killed / "summary.json").exists()  # it really died before the end
 
-    subprocess.run([*command, *args(work), "--ckpt_path", "last"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=300)
+    resumed = subprocess.run([*command, *args(work), "--ckpt_path", "last"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert only_run(work) == killed
     assert_same_end(only_run(reference), killed)
