@@ -1,16 +1,10 @@
 import json
-import os
 
 import pytest
-import pytorch_lightning as pl
-import torch
-import wandb
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import WandbLogger
+from fixtures_training import tiny_fit
 
 import analyze
 from callbacks.dissection import DissectionCallback
-from datamodules.synthfaces import SynthFacesDataModule
 from lightning_modules.attribute_module import AttributeModule
 
 
@@ -18,27 +12,10 @@ from lightning_modules.attribute_module import AttributeModule
 def fitted(tmp_path_factory):
     """A tiny resnet18 fit with the callback and an offline W&B logger; returns (tmp, checkpoint, callback)."""
     tmp = tmp_path_factory.mktemp("fit")
-    old = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR")}
-    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(tmp))
-    torch.manual_seed(0)
-    model = AttributeModule(backbone="resnet18", attributes=["Male", "Eyeglasses"])
-    data = SynthFacesDataModule(size=64, num_train=32, num_val=16, num_test=16, num_identities=16, batch_size=16,
-                                num_workers=0)
     cb = DissectionCallback(layers=["layer3", "layer4"], dictionary_count=12, dictionary_size=64, top_units=1,
                             config={"quantile": 0.02})
-    ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", devices=1,
-                         logger=WandbLogger(project="facelens", save_dir=str(tmp), offline=True),
-                         callbacks=[ckpt, cb], default_root_dir=tmp, enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.fit(model, datamodule=data)
-    wandb.finish()
-    yield tmp, ckpt.last_model_path, cb
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    checkpoint, _ = tiny_fit(tmp, cb, "resnet18", ["Male", "Eyeglasses"])
+    return tmp, checkpoint, cb
 
 
 def test_callback_writes_json_and_headline(fitted):

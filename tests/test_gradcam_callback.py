@@ -1,23 +1,18 @@
 import json
-import os
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
-import wandb
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import WandbLogger
+from fixtures_training import tiny_fit
 
 import analyze
 from analysis.amr import GROUPS, amr_scores
 from analysis.face_regions import masks_v2
 from analysis.gradcam import grad_cam
 from callbacks.gradcam_amr import GradCamAMRCallback, amr_masks, run_amr
-from datamodules.synthfaces import CONCEPTS, SynthFaces, SynthFacesDataModule
+from datamodules.synthfaces import CONCEPTS, SynthFaces
 from datamodules.transforms import frontal_ratio, is_frontal
 from facelens.wandb_io import read_offline_run
-from lightning_modules.attribute_module import AttributeModule
 
 ATTRS = ["Eyeglasses", "Male", "Smiling"]
 AMR_KEYS = {"overall", "gt_pos", "gt_neg", "pred_correct", "pred_incorrect"}
@@ -27,26 +22,9 @@ AMR_KEYS = {"overall", "gt_pos", "gt_neg", "pred_correct", "pred_incorrect"}
 def fitted(tmp_path_factory):
     """A tiny resnet18 fit with the callback (drawn masks) and an offline W&B logger."""
     tmp = tmp_path_factory.mktemp("fit")
-    old = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR")}
-    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(tmp))
-    torch.manual_seed(0)
-    model = AttributeModule(backbone="resnet18", attributes=ATTRS)
-    data = SynthFacesDataModule(size=64, num_train=32, num_val=16, num_test=16, num_identities=16, batch_size=16,
-                                num_workers=0)
     cb = GradCamAMRCallback(masks="drawn", num_images=12, batch_size=8)
-    ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", devices=1,
-                         logger=WandbLogger(project="facelens", save_dir=str(tmp), offline=True),
-                         callbacks=[ckpt, cb], default_root_dir=tmp, enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.fit(model, datamodule=data)
-    wandb.finish()
-    yield tmp, ckpt.last_model_path, cb, model
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    checkpoint, model = tiny_fit(tmp, cb, "resnet18", ATTRS)
+    return tmp, checkpoint, cb, model
 
 
 def _reference(model, batches, masks_of, frontal=None):

@@ -1,17 +1,10 @@
 import json
-import os
 
 import pytest
-import pytorch_lightning as pl
-import torch
-import wandb
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import WandbLogger
+from fixtures_training import tiny_fit
 
 import analyze
 from callbacks.saliency import SCALARS, SaliencyConfig, SaliencySanityCallback
-from datamodules.synthfaces import SynthFacesDataModule
-from lightning_modules.attribute_module import AttributeModule
 
 # Kept small: the whole file must stay well under a minute on a loaded 2-core machine.
 CHEAP = {"occlusion_window": 16, "occlusion_stride": 16, "smoothgrad_samples": 2, "ig_steps": 2, "hiding_steps": 2,
@@ -22,26 +15,10 @@ CHEAP = {"occlusion_window": 16, "occlusion_stride": 16, "smoothgrad_samples": 2
 def fitted(tmp_path_factory):
     """A tiny resnet10t fit with the callback and an offline W&B logger; returns (tmp, checkpoint, callback)."""
     tmp = tmp_path_factory.mktemp("fit")
-    old = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR")}
-    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(tmp))
-    torch.manual_seed(0)
-    model = AttributeModule(backbone="resnet10t", attributes=["Eyeglasses", "Smiling"])
-    data = SynthFacesDataModule(size=64, num_train=16, num_val=4, num_test=4, num_identities=8, batch_size=8,
-                                num_workers=0)
     cb = SaliencySanityCallback(methods=["gradcam", "smoothgrad"], num_images=1, batch_size=1, config=CHEAP)
-    ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", devices=1,
-                         logger=WandbLogger(project="facelens", save_dir=str(tmp), offline=True),
-                         callbacks=[ckpt, cb], default_root_dir=tmp, enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.fit(model, datamodule=data)
-    wandb.finish()
-    yield tmp, ckpt.last_model_path, cb
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    checkpoint, _ = tiny_fit(tmp, cb, "resnet10t", ["Eyeglasses", "Smiling"], num_train=16, num_val=4, num_test=4,
+                             num_identities=8, batch_size=8)
+    return tmp, checkpoint, cb
 
 
 def test_callback_writes_json_and_headline(fitted):
