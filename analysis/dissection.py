@@ -837,6 +837,17 @@ def plot_concept_histogram(result: DissectionResult) -> Figure:
     return fig
 
 
+def _paired_bars(labels: Sequence[str], first, second, names: tuple[str, str]):
+    """HND next to NetDissect, one pair of bars per label."""
+    fig = Figure(figsize=(max(6, 0.8 * len(labels)), 4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, first, 0.4, label=names[0])
+    ax.bar(x + 0.2, second, 0.4, label=names[1])
+    ax.set_xticks(x, labels, rotation=45)
+    return fig, ax
+
+
 def plot_region_counts(result: DissectionResult) -> Figure:
     """Fig. 9: units per facial part, by stage II (HND) and by NetDissect's top concept."""
     regions = list(dict.fromkeys(result.concept_regions))
@@ -844,12 +855,7 @@ def plot_region_counts(result: DissectionResult) -> Figure:
            for reg in regions]
     nd_regions = [result.concept_regions[c] for c in result.netdissect_concept[result.netdissect_interpretable]]
     nd = [nd_regions.count(reg) for reg in regions]
-    fig = Figure(figsize=(max(6, 0.8 * len(regions)), 4), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(regions))
-    ax.bar(x - 0.2, hnd, 0.4, label="HND")
-    ax.bar(x + 0.2, nd, 0.4, label="NetDissect")
-    ax.set_xticks(x, regions, rotation=45)
+    fig, ax = _paired_bars(regions, hnd, nd, ("HND", "NetDissect"))
     ax.set_ylabel("units")
     ax.set_title(f"{result.layer}: units per facial part")
     ax.legend()
@@ -862,12 +868,7 @@ def plot_coverage(results: Mapping[str, DissectionResult], percent: bool = True)
     scale = [100.0 / results[n].num_units if percent else 1.0 for n in layers]
     hnd = [results[n].hnd_interpretable.sum() * s for n, s in zip(layers, scale)]
     nd = [results[n].netdissect_interpretable.sum() * s for n, s in zip(layers, scale)]
-    fig = Figure(figsize=(max(6, 0.8 * len(layers)), 4), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(layers))
-    ax.bar(x - 0.2, hnd, 0.4, label="Hierarchical Network Dissection")
-    ax.bar(x + 0.2, nd, 0.4, label="Network Dissection")
-    ax.set_xticks(x, layers, rotation=45)
+    fig, ax = _paired_bars(layers, hnd, nd, ("Hierarchical Network Dissection", "Network Dissection"))
     ax.set_ylabel("% interpretable units" if percent else "interpretable units")
     ax.legend()
     return fig

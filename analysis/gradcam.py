@@ -39,6 +39,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def target_indices(targets, num_logits: int, device: torch.device, fn: str = "grad_cam") -> torch.Tensor:
+    """Logit indices (T,) to explain: all of them for None, else the given ones, checked against the logit count."""
+    if targets is None:
+        return torch.arange(num_logits, device=device)
+    indices = torch.as_tensor(targets, dtype=torch.long).reshape(-1).to(device)
+    if len(indices) == 0 or indices.min() < 0 or indices.max() >= num_logits:
+        raise ValueError(f"{fn}: targets must be logit indices in [0, {num_logits}), got {indices.tolist()}")
+    return indices
+
+
 def target_signs(logits: torch.Tensor, indices: torch.Tensor, target: str,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
     """d(target function)/d(logit) for each image and target, shape (B, T).
@@ -224,13 +234,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layer: str | nn.Module,
             images = images.clone()
         activation, logits = _capture_leaf(model, module, images, layer_name)
         num_logits = logits.shape[1]
-        if targets is None:
-            indices = torch.arange(num_logits, device=logits.device)
-        else:
-            indices = torch.as_tensor(targets, dtype=torch.long).reshape(-1).to(logits.device)
-            if len(indices) == 0 or indices.min() < 0 or indices.max() >= num_logits:
-                raise ValueError(f"grad_cam: targets must be logit indices in [0, {num_logits}), got "
-                                 f"{indices.tolist()}")
+        indices = target_indices(targets, num_logits, logits.device)
         signs = target_signs(logits, indices, target,
                              None if labels is None else torch.as_tensor(labels).to(logits.device))
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.gradcam import TARGETS, eval_mode, grad_cam, target_signs, upsample_maps
+from analysis.gradcam import TARGETS, eval_mode, grad_cam, target_indices, target_signs, upsample_maps
 from analysis.layers import resolve_layer
 
 METHODS = ("gradcam", "occlusion", "smoothgrad", "integrated_gradients")
@@ -52,13 +52,7 @@ def resolve_targets(model: nn.Module, images: torch.Tensor, targets, target: str
     if not torch.is_tensor(logits) or logits.dim() != 2:
         got = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
         raise ValueError(f"{fn}: the model must map images (B, C, H, W) to logits (B, K), got {got}")
-    k = logits.shape[1]
-    if targets is None:
-        indices = torch.arange(k, device=logits.device)
-    else:
-        indices = torch.as_tensor(targets, dtype=torch.long).reshape(-1).to(logits.device)
-        if len(indices) == 0 or indices.min() < 0 or indices.max() >= k:
-            raise ValueError(f"{fn}: targets must be logit indices in [0, {k}), got {indices.tolist()}")
+    indices = target_indices(targets, logits.shape[1], logits.device, fn)
     signs = target_signs(logits, indices, target, None if labels is None else torch.as_tensor(labels).to(logits.device))
     return logits, indices, signs.to(logits.dtype)
 
