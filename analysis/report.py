@@ -30,6 +30,7 @@ from facelens.attributes import CELEBA_POSITIVE_RATE
 
 EYE_CONCEPTS = ("Eyeglasses", "drawn_eyeglasses")
 EPOCH_FILE = re.compile(r"^epoch(\d+)\.json$")
+EPOCH_METRICS = ("val/bias/", "val/error/", "val/balanced_accuracy/", "val/mean_")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +153,8 @@ def load_run(path: str | Path, label: str | None = None, p: int | None = None, v
 
 
 def _wandb_metrics(wandb_dir: str | None) -> dict[str, list[tuple[int, float]]]:
-    """Bias-group metrics per validation epoch from the run's offline W&B file (empty when unavailable)."""
+    """Validation metrics per epoch (bias groups, per-attribute error and balanced accuracy) from the run's offline
+    W&B file (empty when unavailable)."""
     if not wandb_dir or not Path(wandb_dir).is_dir():
         return {}
     from facelens.wandb_io import read_offline_run
@@ -164,7 +166,7 @@ def _wandb_metrics(wandb_dir: str | None) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for row in history:
         for key, value in row.items():
-            if key.startswith("val/bias/") and isinstance(value, (int, float)) and "epoch" in row:
+            if key.startswith(EPOCH_METRICS) and isinstance(value, (int, float)) and "epoch" in row:
                 out.setdefault(key, []).append((int(row["epoch"]), float(value)))
     return out
 
@@ -440,6 +442,7 @@ class Report:
         self.figures: dict[str, Path] = {}
         self.tables: dict[str, tuple[list[str], list[list]]] = {}
         self.findings: list[tuple[str, bool | None, str]] = []
+        self.answers: list[tuple[str, str, str]] = []
 
     def heading(self, text: str, level: int = 2) -> None:
         self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
@@ -465,7 +468,17 @@ class Report:
     def finding(self, claim: str, holds: bool | None, evidence: str) -> None:
         self.findings.append((claim, holds, evidence))
 
+    def answer(self, experiment: str, question: str, answer: str) -> None:
+        """One line of the top summary: which model is more biased, where in the network, since which checkpoint."""
+        self.answers.append((experiment, question, answer))
+
     def write(self) -> Path:
+        summary = "".join(f"<tr><td>{html.escape(x)}</td><td>{html.escape(q)}</td><td>{html.escape(a)}</td></tr>"
+                          for x, q, a in self.answers) or \
+            '<tr><td colspan="3">no run carries bias metrics, so no model can be ranked</td></tr>'
+        summary = ('<h2 id="summary">Summary: which model is more biased, where in the network, since which '
+                   'checkpoint</h2><table id="summary-table"><thead><tr><th>experiment</th><th>question</th>'
+                   f"<th>answer, from the data</th></tr></thead><tbody>{summary}</tbody></table>")
         rows = "".join(
             f'<tr class="{"ok" if h else "no" if h is False else "na"}"><td>{html.escape(c)}</td>'
             f"<td>{'holds' if h else 'does NOT hold' if h is False else 'not measured'}</td>"
@@ -473,7 +486,7 @@ class Report:
         findings = ('<h2 id="findings">Findings: the claims, checked</h2><table id="findings-table"><thead><tr>'
                     f"<th>claim</th><th>verdict</th><th>numbers</th></tr></thead><tbody>{rows}</tbody></table>")
         page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}"
-                f"</title><style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>{findings}"
+                f"</title><style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>{summary}{findings}"
                 + "".join(self.parts) + "</body></html>")
         path = self.out / "report.html"
         path.write_text(page, encoding="utf-8")
@@ -841,58 +854,107 @@ def claim_probes(rep: Report, runs: Sequence[Run]) -> None:
     rep.finding(claim, ok, "; ".join(parts) + " (mean balanced accuracy over the probed attributes)")
 
 
-def answers(rep: Report, runs: Sequence[Run]) -> None:
-    """Which model is more biased, where in the network, since which checkpoint: one paragraph per question."""
-    biased = [(r.metric("val/bias/gap"), r) for r in runs if r.metric("val/bias/gap") is not None]
-    rep.heading("Which model is more biased, where, and since when")
-    if biased:
-        gap, worst = max(biased, key=lambda t: t[0])
-        rep.text(f"Most biased model: {worst.label}, whose gender accuracy is {gap:.3f} higher on bias-aligned than "
-                 f"on bias-conflicting images (conflicting accuracy "
-                 f"{_fmt(worst.metric('val/bias/conflicting_accuracy'))}); gaps of all runs: "
-                 + ", ".join(f"{r.label} {g:.3f}" for g, r in biased) + ".")
-        series = dict(worst.metrics_over_epochs.get("val/bias/gap", []))
-        base = min(biased, key=lambda t: t[0])[1]
-        base_series = dict(base.metrics_over_epochs.get("val/bias/gap", []))
-        since = first_epoch_holding(sorted(series), series, base_series) if base is not worst else None
-        if since is not None:
-            rep.text(f"Since which checkpoint: {worst.label}'s gap exceeds {base.label}'s from epoch {since} on "
-                     f"(per-epoch gaps: " + ", ".join(f"{e}: {v:.3f}" for e, v in sorted(series.items())) + ").")
-        elif series:
-            rep.text(f"Since which checkpoint: {worst.label}'s gap per epoch: "
-                     + ", ".join(f"{e}: {v:.3f}" for e, v in sorted(series.items()))
-                     + (f"; it does not stay above {base.label}'s from any epoch on." if base is not worst else "."))
-        if worst.dissection and base is not worst and base.dissection:
-            w, b = worst.last("dissection"), base.last("dissection")
-            diffs = {lay: (biased_units(w[lay], "gender") or 0) - (biased_units(b[lay], "gender") or 0)
-                     + region_units(w[lay]).get("eyes", 0) - region_units(b[lay]).get("eyes", 0)
-                     for lay in w if lay in b}
-            if diffs:
-                where = max(diffs, key=diffs.get)
-                rep.text(f"Where (dissection): the layer where {worst.label} has the most gender-biased plus "
-                         f"eye-region units more than {base.label} is {where} ({diffs[where]:+d} units; per layer "
-                         + ", ".join(f"{k} {v:+d}" for k, v in diffs.items()) + ").")
-        _where_probing(rep, worst, base)
-    else:
-        rep.text("No run carries bias-group metrics (val/bias/*), so the report cannot rank models by bias.")
-    pair = affact_pair(runs)
-    if pair is not None:
-        b, u = pair[0].last("amr"), pair[1].last("amr")
-        rep.text(f"Balanced vs unbalanced: mean error {b.mean_row()['error_rate']:.3f} vs {u.mean_row()['error_rate']:.3f}, "
-                 f"mean AMR {b.mean_row()['overall']:.3f} vs {u.mean_row()['overall']:.3f}.")
-
-
+BIAS_GAP_THRESHOLD = 0.05  # aligned minus conflicting accuracy above which a gender model counts as biased
 BIAS_ATTRIBUTE = {"eyeglasses": "Eyeglasses"}
+UNITS_NAME = {"eyeglasses": "eyeglasses-concept + eye-region units", "grayscale": "grayscale-biased units"}
 
 
-def _where_probing(rep: Report, worst: Run, base: Run) -> None:
+def concept_units(kind: str, result: DissectionResult) -> int:
+    """The units that carry a bias experiment's concept: eyeglasses-concept plus eye-region units (eyeglasses),
+    units biased toward color or gray (grayscale)."""
+    if kind == "grayscale":
+        return biased_units(result, "grayscale") or 0
+    return eyeglasses_units(result) + region_units(result).get("eyes", 0)
+
+
+def since_above(series: Mapping[int, float], threshold: float | Mapping[int, float]) -> int | None:
+    """First checkpoint (epoch) from which `series` stays above `threshold`: a number, or a reference run's
+    values at the same epochs (epochs the reference lacks are skipped)."""
+    ref = threshold if isinstance(threshold, Mapping) else {e: float(threshold) for e in series}
+    return first_epoch_holding(sorted(set(series) & set(ref)), series, ref)
+
+
+def _series(values: Mapping[int, float], ref: Mapping[int, float] | None = None, fmt: str = ".3f") -> str:
+    """'epoch 0: 0.100, epoch 1: 0.200' (with ' vs <ref>' where a reference value exists)."""
+    return ", ".join(f"epoch {e}: {format(v, fmt)}" + (f" vs {format(ref[e], fmt)}" if ref and e in ref else "")
+                     for e, v in sorted(values.items()))
+
+
+def summary_bias(rep: Report, runs: Sequence[Run], kind: str) -> None:
+    """Which model of a bias series is most biased (final aligned - conflicting gap), where in the network
+    (per layer, its concept units beyond the lowest-P model's; probing of the concept), and since which checkpoint
+    (its gap stays above BIAS_GAP_THRESHOLD; its concept units stay above the lowest-P model's)."""
+    by_p = _bias_runs(runs, kind)
+    if not by_p:
+        return
+    name = f"{kind} bias (P = {', '.join(map(str, sorted(by_p)))})"
+    gaps = {p: r.metric("val/bias/gap") for p, r in by_p.items() if r.metric("val/bias/gap") is not None}
+    if not gaps:
+        rep.answer(name, "which model is more biased", "not measured: no run carries bias-group metrics "
+                                                       "(val/bias/gap; add BiasGroupsCallback)")
+        return
+    worst = by_p[max(gaps, key=gaps.get)]
+    base = by_p[min(by_p)]
+    gap = gaps[worst.p]
+    rep.answer(name, "which model is more biased",
+               f"{worst.label}: gender accuracy {gap:.3f} higher on bias-aligned than on bias-conflicting images "
+               f"(conflicting accuracy {_fmt(worst.metric('val/bias/conflicting_accuracy'))}; "
+               + ("above" if gap > BIAS_GAP_THRESHOLD else "not above")
+               + f" the {BIAS_GAP_THRESHOLD} bias threshold). Gap per run: "
+               + ", ".join(f"{by_p[p].label} {gaps[p]:.3f}" for p in sorted(gaps)) + ".")
+    units = UNITS_NAME[kind]
+    where = []
+    if worst.dissection and base.dissection and base is not worst:
+        w, b = worst.last("dissection"), base.last("dissection")
+        layers = [lay for lay in w if lay in b]
+        diffs = {lay: concept_units(kind, w[lay]) - concept_units(kind, b[lay]) for lay in layers}
+        per_layer = ", ".join(f"{lay} {concept_units(kind, w[lay])} vs {concept_units(kind, b[lay])}"
+                              for lay in layers)
+        top = max(diffs, key=diffs.get) if diffs else None
+        if top is not None and diffs[top] > 0:
+            where.append(f"dissection: {worst.label} has the most {units} beyond {base.label} in {top} "
+                         f"({diffs[top]:+d}); per layer, {worst.label} vs {base.label} (last dissected "
+                         f"checkpoint): {per_layer}.")
+        else:
+            where.append(f"dissection: no layer of {worst.label} has more {units} than {base.label} "
+                         f"(per layer: {per_layer}).")
+    elif worst.dissection:
+        w = worst.last("dissection")
+        where.append(f"dissection: {units} of {worst.label} per layer: "
+                     + ", ".join(f"{lay} {concept_units(kind, r)}" for lay, r in w.items())
+                     + ("" if base is worst else f" ({base.label} was not dissected)") + ".")
+    probing = _where_probing(worst, base)
+    if probing:
+        where.append(probing)
+    rep.answer(name, "where in the network", " ".join(where) or "not measured: no dissection or probing in these runs")
+    since = []
+    series = dict(worst.metrics_over_epochs.get("val/bias/gap", []))
+    if series:
+        e = since_above(series, BIAS_GAP_THRESHOLD)
+        since.append((f"gap above {BIAS_GAP_THRESHOLD} since the epoch-{e} checkpoint" if e is not None else
+                      f"gap does not stay above {BIAS_GAP_THRESHOLD} up to the last checkpoint")
+                     + f" ({_series(series)}).")
+    if worst.dissection and base.dissection and base is not worst:
+        va = {e: sum(concept_units(kind, r) for r in d.values()) for e, d in worst.dissection.items()}
+        vb = {e: sum(concept_units(kind, r) for r in d.values()) for e, d in base.dissection.items()}
+        e = since_above(va, vb)
+        shared = {k: v for k, v in va.items() if k in vb}
+        since.append(f"{units} (all dissected layers) "
+                     + (f"above {base.label}'s since the epoch-{e} checkpoint" if e is not None else
+                        f"not above {base.label}'s up to the last checkpoint")
+                     + f" ({_series(shared, vb, 'd')}).")
+    rep.answer(name, "since which checkpoint", f"{worst.label}: " + " ".join(since) if since else
+               "not measured: no per-checkpoint gap (offline W&B run) or dissection history")
+
+
+def _where_probing(worst: Run, base: Run) -> str | None:
     """Where the bias concept becomes decodable: per layer, probe accuracy of the concept in the most vs the least
     biased model (last probed checkpoint), and the first checkpoint from which the last layer stays ahead."""
     concept = BIAS_ATTRIBUTE.get(worst.experiment or "")
     a, b = worst.last("probing"), base.last("probing")
     if base is worst or concept is None or a is None or b is None or concept not in a.attributes \
             or concept not in b.attributes:
-        return
+        return None
     layers = [lay for lay in a.layers if lay in b.layers]
     diff = {lay: a[(lay, concept)].layer_acc - b[(lay, concept)].layer_acc for lay in layers}
     where = max(diff, key=diff.get)
@@ -900,15 +962,87 @@ def _where_probing(rep: Report, worst: Run, base: Run) -> None:
     last = layers[-1]
     va = {e: r[(last, concept)].layer_acc for e, r in worst.probing.items() if (last, concept) in r.entries}
     vb = {e: r[(last, concept)].layer_acc for e, r in base.probing.items() if (last, concept) in r.entries}
-    since = first_epoch_holding(sorted(set(va) & set(vb)), va, vb)
-    rep.text(f"Where (probing): {concept} is decodable from {worst.label} far better than from {base.label} "
-             f"{'from ' + first + ' on (first layer more than 0.1 ahead)' if first else 'nowhere by more than 0.1'}; "
-             f"the largest difference is at {where} ({a[(where, concept)].layer_acc:.3f} vs "
-             f"{b[(where, concept)].layer_acc:.3f}); per layer: "
-             + ", ".join(f"{lay} {d:+.3f}" for lay, d in diff.items())
-             + (f". At {last} it is ahead since the epoch-{since} checkpoint (" + ", ".join(
-                 f"epoch {e}: {va[e]:.3f} vs {vb[e]:.3f}" for e in sorted(set(va) & set(vb))) + ")." if since is not None
-                else "."))
+    since = since_above(va, vb)
+    return (f"probing: {concept} is decodable from {worst.label} better than from {base.label} by more than 0.1 "
+            f"{'from ' + first + ' on' if first else 'at no layer'}; the largest difference is at {where} "
+            f"({a[(where, concept)].layer_acc:.3f} vs {b[(where, concept)].layer_acc:.3f}); per layer: "
+            + ", ".join(f"{lay} {d:+.3f}" for lay, d in diff.items())
+            + (f"; at {last} ahead since the epoch-{since} checkpoint ({_series({e: va[e] for e in vb if e in va}, vb)})."
+               if since is not None else "."))
+
+
+def majority_bias(metrics: Mapping[str, float], attributes: Sequence[str]) -> float | None:
+    """How much a multi-attribute model favours each attribute's majority class: mean over `attributes` of
+    balanced error minus error (0 for a model as good on the minority as on the majority class, up to ~0.5 for
+    one that always predicts the majority)."""
+    vals = [(1 - metrics[f"val/balanced_accuracy/{a}"]) - metrics[f"val/error/{a}"] for a in attributes
+            if f"val/balanced_accuracy/{a}" in metrics and f"val/error/{a}" in metrics]
+    vals = [v for v in vals if math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def _metrics_per_epoch(run: Run) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for key, points in run.metrics_over_epochs.items():
+        for epoch, value in points:
+            out.setdefault(epoch, {})[key] = value
+    return out
+
+
+def summary_affact(rep: Report, runs: Sequence[Run]) -> None:
+    """Balanced vs unbalanced: which favours majority classes more on the imbalanced attributes (balanced error
+    minus error), where (the attributes with the largest difference; Grad-CAM AMR), and since which checkpoint."""
+    bal = [r for r in runs if r.variant == "balanced"]
+    unb = [r for r in runs if r.variant == "unbalanced"]
+    if not (bal and unb):
+        return
+    b, u = bal[-1], unb[-1]
+    name = "class imbalance (AFFACT balanced vs unbalanced)"
+    metrics = {r.label: (r.summary.get("metrics") or {}) for r in (b, u)}
+    attrs = sorted({k.split("/", 2)[2] for m in metrics.values() for k in m if k.startswith("val/error/")})
+    chosen = imbalanced_attributes(attrs)
+    mb, mu = majority_bias(metrics[b.label], chosen), majority_bias(metrics[u.label], chosen)
+    if mb is None or mu is None:
+        rep.answer(name, "which model is more biased", "not measured: the runs carry no per-attribute validation "
+                                                       "metrics (val/error/*, val/balanced_accuracy/*)")
+        return
+    worst, other = (u, b) if mu >= mb else (b, u)
+    rep.answer(name, "which model is more biased",
+               f"{worst.label} favours the majority class more: over the {len(chosen)} most imbalanced attributes "
+               f"its balanced error exceeds its error by {max(mb, mu):.3f} vs {min(mb, mu):.3f} for {other.label} "
+               f"(mean balanced error {_fmt(b.metric('val/mean_balanced_error'))} balanced vs "
+               f"{_fmt(u.metric('val/mean_balanced_error'))} unbalanced; mean error "
+               f"{_fmt(b.metric('val/mean_error'))} vs {_fmt(u.metric('val/mean_error'))}).")
+    per_attr = {a: (majority_bias(metrics[worst.label], [a]) or 0.0) - (majority_bias(metrics[other.label], [a]) or 0.0)
+                for a in chosen}
+    top = sorted(per_attr, key=per_attr.get, reverse=True)[:3]
+    where = (f"attributes: the largest excess of {worst.label} is on " + ", ".join(f"{a} ({per_attr[a]:+.3f})" for a in top)
+             + ". Network depth: no dissection or probing in these runs.")
+    pair = affact_pair(runs)
+    if pair is not None:
+        rb, ru = pair[0].last("amr"), pair[1].last("amr")
+        g = GROUPS.index("overall")
+
+        def mean_amr(res):
+            vals = [res.scores["amr"][g, res.attributes.index(a)] for a in chosen if a in res.attributes]
+            vals = [v for v in vals if np.isfinite(v)]
+            return float(np.mean(vals)) if vals else float("nan")
+
+        where += (f" Grad-CAM: mean overall AMR on those attributes {mean_amr(rb):.3f} ({pair[0].label}) vs "
+                  f"{mean_amr(ru):.3f} ({pair[1].label}); higher = more of the map inside the attribute's region.")
+    rep.answer(name, "where in the network", where)
+    sw = {e: majority_bias(m, chosen) for e, m in _metrics_per_epoch(worst).items()}
+    so = {e: majority_bias(m, chosen) for e, m in _metrics_per_epoch(other).items()}
+    sw = {e: v for e, v in sw.items() if v is not None}
+    so = {e: v for e, v in so.items() if v is not None}
+    if sw and so:
+        e = since_above(sw, so)
+        text = (f"{worst.label}'s majority-class bias is above {other.label}'s since the epoch-{e} checkpoint"
+                if e is not None else f"{worst.label}'s majority-class bias does not stay above {other.label}'s "
+                                      f"up to the last checkpoint")
+        rep.answer(name, "since which checkpoint", f"{text} ({_series({k: sw[k] for k in so if k in sw}, so)}).")
+    else:
+        rep.answer(name, "since which checkpoint", "not measured: no per-checkpoint metrics (offline W&B run)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -933,7 +1067,9 @@ def build_report(paths: Sequence[str | Path], out: str | Path, title: str | None
                 ", ".join(sorted(r.histories)) or "-"] for r in runs])
     for check in (claim_eyeglasses_units, claim_grayscale_units, claim_affact_amr, claim_probes):
         check(rep, runs)
-    answers(rep, runs)
+    for kind in ("eyeglasses", "grayscale"):
+        summary_bias(rep, runs, kind)
+    summary_affact(rep, runs)
     for section in (section_eyeglasses, section_grayscale, section_affact, section_probing, section_histories):
         section(rep, runs)
     path = rep.write()
@@ -956,6 +1092,8 @@ def log_to_wandb(rep: Report, out: Path, group: str | None = None) -> None:
     payload["report/findings"] = wandb.Table(
         columns=["claim", "verdict", "numbers"],
         data=[[c, {True: "holds", False: "does not hold", None: "not measured"}[h], e] for c, h, e in rep.findings])
+    payload["report/summary"] = wandb.Table(columns=["experiment", "question", "answer"],
+                                            data=[list(a) for a in rep.answers])
     run.log(payload)
     where = Path(run.dir).parent
     run.finish()

@@ -208,7 +208,7 @@ def test_claims_are_checked_with_numbers(report):
     # trained (epoch 3): 0.80, 0.85 -> last 0.85, mean 0.825; random init 0.55, 0.60
     assert verdict == "holds" and "last layer 0.850 vs 0.600, mean over layers 0.825 vs 0.575" in numbers, numbers
     text = report.read_text()
-    assert "Most biased model: eyeglasses_P100" in text
+    assert "<td>eyeglasses_P100: gender accuracy 0.600 higher on bias-aligned" in text
 
 
 def test_counting_helpers_match_hand_counts(tmp_path):
@@ -268,4 +268,4 @@ def test_wandb_report_run_gets_every_figure_and_table(tmp_path, monkeypatch):
     images = {p.name.split("_0_")[0] for p in logged.media("*.png")}
     assert images == {Path(src).stem for src in page.images}
     tables = {p.name.split("_0_")[0] for p in logged.media("*.table.json")}
-    assert {t for t in page.tables if t != "findings-table"} | {"findings"} == tables
+    assert {t for t in page.tables if t not in ("findings-table", "summary-table")} | {"findings", "summary"} == tables
