@@ -104,4 +104,4 @@ if __name__ == "__main__":
         import experiments
 
         sys.exit(experiments.main(sys.argv[2:]))
-    main(sys.argv[1:])
+    main()  # LightningCLI reads sys.argv itself
