@@ -175,21 +175,28 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[Run], dict]:
     """Run folders, or sweep folders (with runs.json), in the given order; returns the runs and sweep info."""
     from experiments import read_manifest
 
-    runs, sweeps = [], {}
+    runs, sweeps, origin = [], {}, []
     for p in paths:
         p = Path(p)
         if (p / "runs.json").is_file():
             manifest = read_manifest(p)
-            sweeps[manifest.get("sweep_id", p.name)] = manifest
+            sweep_id = manifest.get("sweep_id", p.name)
+            sweeps[sweep_id] = manifest
             for r in manifest["runs"]:
                 if r.get("run_dir") and Path(r["run_dir"]).is_dir():
                     runs.append(load_run(r["run_dir"], r["name"], r.get("p"), r.get("variant"), r.get("experiment")))
+                    origin.append(sweep_id)
                 else:
                     print(f"report: {r['name']} of sweep {p} has no finished run folder under {r['root']}; skipped")
         else:
             runs.append(load_run(p))
+            origin.append(p.name)
     if not runs:
         raise ValueError(f"--runs: no run folders found in {[str(p) for p in paths]}")
+    labels = [r.label for r in runs]
+    for run, where in zip(runs, origin):
+        if labels.count(run.label) > 1:  # the same run name in several sweeps: keep the curves apart
+            run.label = f"{where}/{run.label}"
     return runs, sweeps
 
 
@@ -582,11 +589,7 @@ def section_eyeglasses(rep: Report, runs: Sequence[Run]) -> None:
          "conflicting": {p: by_p[p].metric("val/bias/conflicting_accuracy") for p in ps},
          "gap": {p: by_p[p].metric("val/bias/gap") for p in ps}}, "P", "accuracy", "Bias-conflicting accuracy per P"),
         "Aligned and conflicting accuracy and their gap per P (final validation)")
-    gap_curves = {by_p[p].label: dict(by_p[p].metrics_over_epochs.get("val/bias/gap", [])) for p in ps}
-    if any(gap_curves.values()):
-        rep.figure("eyeglasses_gap_over_epochs", plot_lines(gap_curves, "epoch", "aligned - conflicting accuracy",
-                                                            "Bias gap over training"),
-                   "Accuracy gap (aligned minus conflicting) at every validation epoch, from the W&B runs")
+    _gap_over_epochs(rep, by_p, "eyeglasses")
     # dissection: Fig 6 and eyeglasses units
     diss = {p: by_p[p].last("dissection") for p in ps if by_p[p].dissection}
     if diss:
@@ -628,6 +631,15 @@ def section_eyeglasses(rep: Report, runs: Sequence[Run]) -> None:
                    "AMR and eyeglasses-block share of the gender Grad-CAM per P")
 
 
+def _gap_over_epochs(rep: Report, by_p: Mapping[int, Run], kind: str) -> None:
+    """The aligned - conflicting accuracy gap at every validation epoch, one line per P (from the W&B runs)."""
+    curves = {by_p[p].label: dict(by_p[p].metrics_over_epochs.get("val/bias/gap", [])) for p in sorted(by_p)}
+    if any(curves.values()):
+        rep.figure(f"{kind}_gap_over_epochs", plot_lines(curves, "epoch", "aligned - conflicting accuracy",
+                                                         "Bias gap over training"),
+                   "Accuracy gap (aligned minus conflicting) at every validation epoch, from the W&B runs")
+
+
 def _fig5(rep: Report, by_p: Mapping[int, Run], diss: Mapping[int, Mapping[str, DissectionResult]]) -> None:
     first = by_p[min(diss)]
     dictionary = _dictionary_for(first)
@@ -662,6 +674,7 @@ def section_grayscale(rep: Report, runs: Sequence[Run]) -> None:
              by_p[p].metric("val/bias/conflicting_accuracy"), by_p[p].metric("val/bias/gap")] for p in ps]
     rep.table("bias_accuracy_grayscale", ["P", "run", "aligned accuracy", "conflicting accuracy", "gap"], rows,
               "Gender accuracy on bias-aligned (gray men, colour women) and bias-conflicting images")
+    _gap_over_epochs(rep, by_p, "grayscale")
     diss = {p: by_p[p].last("dissection") for p in ps if by_p[p].dissection}
     if not diss:
         return
@@ -675,7 +688,13 @@ def section_grayscale(rep: Report, runs: Sequence[Run]) -> None:
                                                              "Grayscale-biased units per layer"),
                    "Seed 002 Fig. 8: units with P_color or P_gray > 0.55 per layer and P")
         rep.table("grayscale_biased_units", ["P"] + layers,
-                  [[p] + [counts[lay].get(p) for lay in layers] for p in sorted(diss)], "Grayscale-biased units")
+                  [[p] + [counts[lay].get(p) for lay in layers] for p in sorted(diss)],
+                  "Grayscale-biased units per layer and P (last dissected checkpoint)")
+        rep.table("grayscale_biased_units_per_checkpoint", ["P", "epoch"] + layers + ["all layers"],
+                  [[p, e] + [biased_units(d[lay], "grayscale") if lay in d else None for lay in layers]
+                   + [sum(biased_units(r, "grayscale") or 0 for r in d.values())]
+                   for p in sorted(diss) for e, d in sorted(by_p[p].dissection.items())],
+                  "Grayscale-biased units at every dissected checkpoint")
 
 
 def affact_pair(runs: Sequence[Run]) -> tuple[Run, Run] | None:

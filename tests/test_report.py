@@ -178,7 +178,8 @@ def test_every_image_is_a_local_png_and_tables_are_present(report):
         with Image.open(path) as im:
             im.verify()
     for table in ("findings-table", "runs", "bias_accuracy_eyeglasses", "eyeglasses_units", "amr_per_p",
-                  "grayscale_biased_units", "table5_1", "probing_summary", "fig5_glasses_share"):
+                  "grayscale_biased_units", "grayscale_biased_units_per_checkpoint", "table5_1", "probing_summary",
+                  "fig5_glasses_share", "summary-table"):
         assert table in page.tables, table
     text = report.read_text()
     assert not re.search(r"(src|href)=\"(https?:)?//", text) and "<script" not in text and "@import" not in text

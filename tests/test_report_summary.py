@@ -157,3 +157,17 @@ def test_page_without_bias_metrics_says_so(tmp_path):
     start = page.rows.index(["experiment", "question", "answer, from the data"])
     assert page.rows[start + 1][1] == "which model is more biased"
     assert page.rows[start + 1][2].startswith("not measured: no run carries bias-group metrics")
+
+
+def test_same_run_name_in_two_sweeps_is_kept_apart(tmp_path):
+    from analysis.report import load_runs
+
+    sweeps = []
+    for sweep_id in ("s1", "s2"):
+        folder = write_run(tmp_path / sweep_id / "grayscale_P60" / "runs" / "x", bias_config("grayscale", 60), {})
+        sweeps.append(_sweep(tmp_path, sweep_id, "grayscale", {"grayscale_P60": folder}))
+    other = write_run(tmp_path / "s3" / "eyeglasses_P50" / "runs" / "x", bias_config("eyeglasses", 50), {})
+    sweeps.append(_sweep(tmp_path, "s3", "eyeglasses", {"eyeglasses_P50": other}))
+    runs, found = load_runs(sweeps)
+    assert [r.label for r in runs] == ["s1/grayscale_P60", "s2/grayscale_P60", "eyeglasses_P50"]
+    assert list(found) == ["s1", "s2", "s3"]
