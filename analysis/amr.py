@@ -10,8 +10,9 @@ An image with an empty discriminative area (or zero map) scores 0, as in the see
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -301,6 +302,44 @@ class AMRAccumulator:
             self._sums[v] += torch.einsum("gbt,bt->gt", weights, scores.variant(v).double())
         shown = minmax_normalize(maps.double()) if self.map_normalization == "minmax" else maps.double()
         self._map_sums += torch.einsum("gbt,bthw->gthw", weights, shown)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums (None before the first batch) and settings; `merge` adds such states."""
+        return {"attributes": list(self.attributes), "threshold": self.threshold,
+                "map_normalization": self.map_normalization, "frontal_only": self.frontal_only,
+                "counts": self._counts, "errors": self._errors, "sums": self._sums, "map_sums": self._map_sums}
+
+    def merge(self, other: AMRAccumulator | Mapping[str, Any]) -> AMRAccumulator:
+        """Add another accumulator (or its `state_dict()`, e.g. from another rank's shard of the images): the
+        sums become those of one accumulator fed both sets of batches. Returns self."""
+        state = other.state_dict() if isinstance(other, AMRAccumulator) else other
+        mine = (list(self.attributes), self.threshold, self.map_normalization)
+        theirs = (list(state["attributes"]), float(state["threshold"]), state["map_normalization"])
+        if mine != theirs:
+            raise ValueError(f"AMRAccumulator.merge: settings differ (attributes, threshold, map_normalization): "
+                             f"{mine} vs {theirs}")
+        self.frontal_only |= bool(state["frontal_only"])
+        if state["counts"] is None:
+            return self
+        if self._counts is None:
+            self._counts = state["counts"].clone()
+            self._errors = state["errors"].clone()
+            self._sums = {v: s.clone() for v, s in state["sums"].items()}
+            self._map_sums = state["map_sums"].clone()
+            return self
+        if tuple(state["map_sums"].shape) != tuple(self._map_sums.shape):
+            raise ValueError(f"AMRAccumulator.merge: maps are {tuple(state['map_sums'].shape[-2:])} here and "
+                             f"{tuple(self._map_sums.shape[-2:])} there")
+        device = self._counts.device
+        self._counts += state["counts"].to(device)
+        self._errors += state["errors"].to(device)
+        for v in VARIANTS:
+            self._sums[v] += state["sums"][v].to(device)
+        self._map_sums += state["map_sums"].to(device)
+        return self
+
+    def __iadd__(self, other: AMRAccumulator) -> AMRAccumulator:
+        return self.merge(other)
 
     def result(self) -> AMRResult:
         if self._counts is None:

@@ -16,6 +16,7 @@ images where the unit fires (its thresholded map at mask resolution is non-empty
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -139,6 +140,27 @@ class ExactTopQuantile:
             values = values.topk(self.k, dim=1, sorted=False).values
         self.buffer = values
 
+    def merge(self, other: ExactTopQuantile) -> ExactTopQuantile:
+        """Fold in another shard's buffer (sized for the same num_images): the top k of the union of two top-k
+        buffers is the top k of all values, so the thresholds equal one pass over both shards. Returns self."""
+        if (other.num_images, other.quantile) != (self.num_images, self.quantile):
+            raise ValueError(f"ExactTopQuantile.merge: num_images/quantile differ: {(self.num_images, self.quantile)}"
+                             f" vs {(other.num_images, other.quantile)}")
+        if other.buffer is None:
+            return self
+        if self.buffer is None:
+            self.buffer, self.values_per_image, self.k = other.buffer.clone(), other.values_per_image, other.k
+        else:
+            if (other.values_per_image, other.buffer.shape[0]) != (self.values_per_image, self.buffer.shape[0]):
+                raise ValueError("ExactTopQuantile.merge: the shards saw activations of different shapes")
+            values = torch.cat([self.buffer, other.buffer.to(self.buffer.device)], dim=1)
+            self.buffer = values.topk(self.k, dim=1, sorted=False).values if values.shape[1] > self.k else values
+        self.seen += other.seen
+        if self.seen > self.num_images:
+            raise ValueError(f"ExactTopQuantile.merge: the shards hold {self.seen} images, more than "
+                             f"num_images={self.num_images}")
+        return self
+
     def thresholds(self) -> np.ndarray:
         """(U,) float64 thresholds, as `np.quantile(unit_values, 1 - quantile)` would give."""
         if self.buffer is None:
@@ -192,6 +214,25 @@ class SketchTopQuantile:
         bins = torch.where(mag < self.min_magnitude, torch.full_like(bins, self.per_sign), bins)
         bins += torch.arange(u, device=bins.device)[:, None] * self.num_bins
         self.hist.index_add_(0, bins.reshape(-1), torch.ones(bins.numel(), dtype=torch.int32, device=bins.device))
+
+    def merge(self, other: SketchTopQuantile) -> SketchTopQuantile:
+        """Add another shard's histogram (same bins): the sketch of the union of both shards. Returns self."""
+        mine = (self.quantile, self.alpha, self.min_magnitude, self.max_magnitude)
+        theirs = (other.quantile, other.alpha, other.min_magnitude, other.max_magnitude)
+        if mine != theirs:
+            raise ValueError(f"SketchTopQuantile.merge: settings differ: {mine} vs {theirs}")
+        if other.hist is None:
+            return self
+        if self.hist is None:
+            self.hist = other.hist.clone()
+        elif self.hist.numel() != other.hist.numel():
+            raise ValueError("SketchTopQuantile.merge: the shards saw different numbers of units")
+        else:
+            self.hist += other.hist.to(self.hist.device)
+        self.seen_values += other.seen_values
+        if self.seen_values >= 2**31:
+            raise ValueError("SketchTopQuantile counts are int32: more than 2^31 values per unit")
+        return self
 
     def _bin_values(self) -> np.ndarray:
         gamma = math.exp(self.log_gamma)
@@ -418,6 +459,60 @@ class LayerDissector:
             inter.index_add_(0, unit, hit.float())
             area.index_add_(0, image * u + unit, torch.ones_like(unit))
         return inter.round().long(), area.view(b, u)
+
+    # merging shards (e.g. the ranks of a distributed run, each fed a disjoint part of the dictionary)
+    def shard_state(self) -> dict[str, Any]:
+        """This shard's state of the current pass, on the CPU, for `merge` on another shard: pass 1 the
+        quantile buffer or sketch; pass 2 the counts and the per-image rows (maxima, presence, labels, index)."""
+        if self.thresholds is None:
+            quantiles = copy.copy(self.quantiles)
+            for name in ("buffer", "hist"):
+                if getattr(quantiles, name, None) is not None:
+                    setattr(quantiles, name, getattr(quantiles, name).cpu().clone())
+            return {"pass": 1, "quantiles": quantiles}
+        rows = self._rows()
+        return {"pass": 2, "counts": {k: v.cpu().clone() for k, v in self._counts.items()}, **rows}
+
+    def _rows(self) -> dict[str, Any]:
+        def cat(parts: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.cat(parts) if parts else torch.zeros(shape, dtype=dtype)
+
+        u = 0 if self.thresholds is None else len(self.thresholds)
+        return {"max": cat(self._max, (0, u), torch.float32),
+                "presence": cat(self._presence, (0, len(self.concepts)), torch.bool),
+                "labels": {g: cat(v, (0,), torch.long) for g, v in self._labels.items()},
+                "index": cat(self._index, (0,), torch.long)}
+
+    def merge(self, state: Mapping[str, Any]) -> LayerDissector:
+        """Fold in another shard's `shard_state()` of the same pass. Pass 1 merges the quantile state, so
+        `compute_thresholds` gives the thresholds of the whole dictionary exactly; pass 2 adds the integer
+        counts and keeps the per-image rows sorted by image index, so every result (top images, HND ranks)
+        equals that of one dissector fed the whole dictionary in index order. Returns self."""
+        if state["pass"] == 1:
+            if self.thresholds is not None:
+                raise ValueError(f"layer {self.layer!r}: a pass-1 state cannot merge after compute_thresholds()")
+            self.quantiles.merge(state["quantiles"])
+            return self
+        if self.thresholds is None:
+            raise ValueError(f"layer {self.layer!r}: a pass-2 state needs compute_thresholds() first")
+        if state["counts"]:
+            if not self._counts:
+                self._counts = {k: v.clone().to(self._counts_device(state)) for k, v in state["counts"].items()}
+            else:
+                for k, v in state["counts"].items():
+                    self._counts[k] += v.to(self._counts[k].device)
+        mine = self._rows()
+        index = torch.cat([mine["index"], state["index"]])
+        order = torch.argsort(index, stable=True)
+        self._index = [index[order]]
+        self._max = [torch.cat([mine["max"], state["max"]])[order]]
+        self._presence = [torch.cat([mine["presence"], state["presence"]])[order]]
+        self._labels = {g: [torch.cat([mine["labels"][g], state["labels"][g]])[order]] for g in self.global_groups}
+        self._seen += len(state["index"])
+        return self
+
+    def _counts_device(self, state: Mapping[str, Any]) -> torch.device:
+        return self._t32.device if self._t32 is not None else next(iter(state["counts"].values())).device
 
     # results
     def counts(self) -> dict[str, np.ndarray]:

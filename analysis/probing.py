@@ -809,21 +809,32 @@ def probe(model: nn.Module, layers: Sequence[str], images: Tensor | Iterable[Map
           attributes: Sequence[str] | None = None, n_train: int = 2048, n_val: int = 6144,
           n_components: int = 8, top_k: int = 8, neuron_ranking: str = "vip", seed: int = 0,
           batch_size: int = 128, device: torch.device | str | None = None, reg_param: float = 0.0,
-          max_feature_bytes: int = 2 << 30, keep_probes: bool = True, precision: str = "auto") -> ProbingResult:
+          max_feature_bytes: int = 2 << 30, keep_probes: bool = True, precision: str = "auto",
+          shard: Any = None) -> ProbingResult:
     """Probe attributes in named layers of `model` (seed 003).
 
     images: (N, 3, H, W) in [0, 1] with labels (N, 40) in CelebA order (and optional label_mask), or a
     loader of batch-contract dicts (collected to memory). Each attribute gets its own balanced sample
     (seeded by seed + attribute index); features of all sampled images are extracted once per group of
     layers fitting in max_feature_bytes.
+
+    shard: for several processes, an object with `rank`, `world_size` and `gather(value) -> [value of each
+    rank]` (e.g. `callbacks.base.Shard`). Then `images` are only this rank's items rank, rank + world_size, ...
+    of the N labelled ones; each rank extracts the features of its sampled images, the features are put
+    back in global order on every rank, the (layer, attribute) fits are spread over the ranks and gathered, so
+    the result equals the one-process result.
     """
     if not isinstance(images, Tensor):
         data = collect_batches(images)
         images, labels, label_mask = data["image"], data["attributes"], data["attribute_mask"]
+    rank, world = (int(shard.rank), int(shard.world_size)) if shard is not None else (0, 1)
     if labels is None:
         raise ValueError("probe: labels (N, 40) are required with an image tensor")
-    if labels.dim() != 2 or labels.shape[0] != len(images):
-        raise ValueError(f"probe: labels must be (N={len(images)}, 40), got {tuple(labels.shape)}")
+    if labels.dim() != 2 or len(range(rank, labels.shape[0], world)) != len(images):
+        raise ValueError(f"probe: labels must be (N, 40) with N={len(images)} images"
+                         + (f" on rank {rank} of {world}" if world > 1 else "") + f", got {tuple(labels.shape)}")
+    if world > 1 and keep_probes:
+        raise ValueError("probe: keep_probes=True needs one process (fitted probes stay on the rank that fits them)")
     layers = list(layers)
     if not layers:
         raise ValueError("probe: no layers given")
@@ -836,19 +847,39 @@ def probe(model: nn.Module, layers: Sequence[str], images: Tensor | Iterable[Map
         splits[attr] = balanced_split(labels[:, col] > 0.5, known, n_train, n_val, seed + col, attr)
     pool = torch.unique(torch.cat([torch.cat(s) for s in splits.values()]))
     position = {attr: (torch.searchsorted(pool, tr), torch.searchsorted(pool, va)) for attr, (tr, va) in splits.items()}
+    owner = pool % world  # the rank holding each sampled image, at local row pool // world
+    local = images[pool[owner == rank] // world]
     entries, shapes = {}, {}
-    for group in _layer_groups(model, layers, images, len(pool), max_feature_bytes, device):
-        feats, group_shapes = extract_features(model, group, images[pool], batch_size, device, out_device=device)
+    probe_image = images[:1] if len(images) else None
+    if world > 1:  # a rank may hold no image: the layer shapes come from an image of any rank
+        probe_image = next(x for x in shard.gather(probe_image) if x is not None)
+    for group in _layer_groups(model, layers, probe_image.to(device), len(pool), max_feature_bytes, device):
+        if len(local):
+            feats, group_shapes = extract_features(model, group, local, batch_size, device, out_device=device)
+        else:  # this rank holds none of the sampled images
+            _, group_shapes = extract_features(model, group, probe_image, 1, device)
+            feats = {name: torch.empty(0, math.prod(group_shapes[name]), device=device) for name in group}
         shapes.update(group_shapes)
-        for layer in group:
-            X = feats.pop(layer)
-            for attr in attributes:
-                tr, va = position[attr]
-                y = (labels[pool, ATTRIBUTE_INDEX[attr]] > 0.5).long().to(X.device)
-                entries[(layer, attr)] = probe_features(
-                    X[tr.to(X.device)], y[tr.to(X.device)], X[va.to(X.device)], y[va.to(X.device)], shapes[layer],
-                    layer, attr, n_components, top_k, neuron_ranking, reg_param, keep_probes, precision)
-            del X
+        if world > 1:
+            parts = shard.gather(feats)
+            feats = {}
+            for layer in group:
+                X = torch.empty(len(pool), math.prod(shapes[layer]), device=device)
+                for r, part in enumerate(parts):
+                    X[(owner == r).to(device)] = part[layer].to(device)
+                feats[layer] = X
+        pairs = [(layer, attr) for layer in group for attr in attributes]
+        mine = {}
+        for layer, attr in pairs[rank::world]:
+            X = feats[layer]
+            tr, va = (i.to(X.device) for i in position[attr])
+            y = (labels[pool, ATTRIBUTE_INDEX[attr]] > 0.5).long().to(X.device)
+            mine[(layer, attr)] = probe_features(X[tr], y[tr], X[va], y[va], shapes[layer], layer, attr, n_components,
+                                                 top_k, neuron_ranking, reg_param, keep_probes, precision)
+        del feats
+        for part in (shard.gather(mine) if world > 1 else [mine]):
+            entries.update(part)
+    entries = {(layer, attr): entries[(layer, attr)] for layer in layers for attr in attributes}
     config = {"n_train": n_train, "n_val": n_val, "n_components": n_components, "top_k": top_k,
               "neuron_ranking": neuron_ranking, "seed": seed, "reg_param": reg_param, "precision": precision}
     return ProbingResult(layers, attributes, entries, shapes, splits, config)

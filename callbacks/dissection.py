@@ -12,13 +12,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from analysis.dissection import (
-    DissectionConfig, DissectionResult, dissect, plot_concept_histogram, plot_coverage, plot_region_counts,
+    DissectionConfig, DissectionResult, Dissector, plot_concept_histogram, plot_coverage, plot_region_counts,
     plot_top_images,
 )
 from analysis.layers import capture, resolve_layer
-from callbacks.base import AnalysisCallback, write_json
+from callbacks.base import ONE_PROCESS, AnalysisCallback, Shard, write_json
 from datamodules.face_dictionary import FaceDictionary, build_synthfaces
 
 
@@ -68,14 +69,38 @@ class DissectionReport:
 
 def run_dissection(model: nn.Module, dictionary: FaceDictionary, layers: Sequence[str],
                    config: DissectionConfig | None = None, batch_size: int = 32,
-                   device: torch.device | str | None = None, progress: bool = False) -> DissectionReport:
-    """Both methods on `layers` of `model` (a facelens module or a plain network) over the dictionary."""
+                   device: torch.device | str | None = None, progress: bool = False,
+                   shard: Shard = ONE_PROCESS) -> DissectionReport:
+    """Both methods on `layers` of `model` (a facelens module or a plain network) over the dictionary.
+
+    With several ranks each one streams its `shard` of the dictionary; after pass 1 the quantile states are
+    gathered and merged (every rank gets the same exact thresholds), after pass 2 the counts and per-image rows,
+    so the report equals a one-process run's."""
+    from tqdm.auto import tqdm
+
     net = dissected_network(model)
     for name in layers:
         resolve_layer(net, name)  # a wrong name fails here with the valid names
-    results = dissect(net, dictionary.dataloader(batch_size), list(layers), **dictionary.dissect_arguments(),
-                      config=config, device=device, num_images=len(dictionary), progress=progress)
-    return DissectionReport(results, dictionary.source)
+    diss = Dissector(net, list(layers), **dictionary.dissect_arguments(), config=config, num_images=len(dictionary),
+                     device=device)
+    loader = DataLoader(Subset(dictionary.dataset(), shard.indices(len(dictionary))), batch_size=batch_size,
+                        shuffle=False)
+    was_training = net.training
+    net.eval()
+    try:
+        for desc in ("dissection pass 1/2 (thresholds)", "dissection pass 2/2 (counts)"):
+            for batch in tqdm(loader, desc=desc, disable=not progress):
+                diss.update(batch)
+            states = shard.gather({n: d.shard_state() for n, d in diss.layer_dissectors.items()})
+            for rank, state in enumerate(states):
+                if rank != shard.rank:
+                    for name, d in diss.layer_dissectors.items():
+                        d.merge(state[name])
+            if not diss.counting:
+                diss.start_counting()
+    finally:
+        net.train(was_training)
+    return DissectionReport(diss.results(), dictionary.source)
 
 
 @torch.no_grad()
@@ -133,6 +158,7 @@ class DissectionCallback(AnalysisCallback):
     to the loggers, JSON beside the checkpoint."""
 
     name = "dissection"
+    sharded = True
 
     def __init__(self, layers: list[str] | None = None, dictionary: str | None = None, dictionary_count: int = 64,
                  dictionary_size: int = 64, dictionary_seed: int = 0, confidence: float = 0.9,
@@ -166,12 +192,12 @@ class DissectionCallback(AnalysisCallback):
                 raise ValueError(f"DissectionCallback.layers: {err}") from None
         _ = self.dictionary
 
-    def probe_batches(self, trainer: pl.Trainer, device: torch.device) -> list[dict]:
-        return []  # the dictionary is the probe set
+    def probe_batches(self, trainer: pl.Trainer, device: torch.device, shard: Shard | None = None) -> list[dict]:
+        return []  # the dictionary is the probe set, sharded by `run_dissection`
 
-    def analyse(self, model: nn.Module, batches: list[dict]) -> DissectionReport:
+    def analyse(self, model: nn.Module, batches: list[dict], shard: Shard = ONE_PROCESS) -> DissectionReport:
         with torch.no_grad():
-            return run_dissection(model, self.dictionary, self.layers, self.config, self.batch_size)
+            return run_dissection(model, self.dictionary, self.layers, self.config, self.batch_size, shard=shard)
 
     def headline(self, result: DissectionReport) -> dict[str, float]:
         return result.headline()

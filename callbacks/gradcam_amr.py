@@ -17,14 +17,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from analysis.amr import GROUPS, AMRAccumulator, AMRResult, kl_distance
 from analysis.face_regions import masks_v1, masks_v2
 from analysis.gradcam import METHODS, TARGETS, grad_cam
 from analysis.gradcam_plots import plot_amr_bars, plot_kl_bars, plot_map_grid
 from analysis.layers import resolve_layer
-from callbacks.base import AnalysisCallback, prepare_eval_batch, write_json
+from callbacks.base import ONE_PROCESS, AnalysisCallback, Shard, write_json
 from datamodules.synthfaces import CONCEPT_ATTRIBUTE, CONCEPTS, SynthFaces, face_to_item
 from datamodules.transforms import is_frontal
 from facelens.attributes import resolve_attributes
@@ -84,6 +84,15 @@ def run_amr(model: nn.Module, batches: Sequence[dict], layer: str = "layer4", me
     """Table 5.1 of one AttributeModule over the batches: every attribute's map from one batched Grad-CAM
     pass per batch, streamed through `AMRAccumulator`. Labels the batch does not know (attribute_mask False)
     are excluded; with `frontal`, only faces `is_frontal(landmarks, frontal_threshold)` count."""
+    return accumulate_amr(model, batches, layer, method, target, masks, threshold, frontal, frontal_threshold,
+                          attributes, map_normalization).result()
+
+
+def accumulate_amr(model: nn.Module, batches: Sequence[dict], layer: str = "layer4", method: str = "gradcam",
+                   target: str = "predicted", masks: str = "v2", threshold: float = 0.0, frontal: bool = False,
+                   frontal_threshold: float = 0.1, attributes: Sequence[str] | None = None,
+                   map_normalization: str = "minmax") -> AMRAccumulator:
+    """`run_amr`'s running sums before the result (accumulators of image shards merge into the whole's)."""
     check_settings(layer, method, target, masks, "gradcam")
     net = cam_network(model)
     resolve_layer(net, layer)  # a wrong name fails here with the valid names
@@ -105,7 +114,7 @@ def run_amr(model: nn.Module, batches: Sequence[dict], layer: str = "layer4", me
                    amr_masks(masks, batch, chosen), keep)
     if frontal:
         acc.frontal_only = True
-    return acc.result()
+    return acc
 
 
 def flat_dict(result: AMRResult) -> dict[str, Any]:
@@ -220,6 +229,7 @@ class GradCamAMRCallback(AnalysisCallback):
     `analysis/gradcam_amr/`."""
 
     name = "gradcam_amr"
+    sharded = True
 
     def __init__(self, layer: str = "layer4", method: str = "gradcam", target: str = "predicted",
                  masks: str = "v2", threshold: float = 0.0, frontal: bool = False, frontal_threshold: float = 0.1,
@@ -254,26 +264,27 @@ class GradCamAMRCallback(AnalysisCallback):
         if missing:
             raise ValueError(f"GradCamAMRCallback.attributes: {missing} are not predicted by the model")
 
-    def probe_batches(self, trainer: pl.Trainer, device: torch.device) -> list[dict]:
+    def probe_batches(self, trainer: pl.Trainer, device: torch.device, shard: Shard | None = None) -> list[dict]:
         if self.masks != "drawn":
-            return super().probe_batches(trainer, device)
-        datamodule = trainer.datamodule
-        loader = getattr(datamodule, f"{self.split}_dataloader")()
-        dataset = with_drawn_masks(loader.dataset, "GradCamAMRCallback.masks")
-        subset = Subset(dataset, range(min(self.num_images, len(dataset))))
-        batches = []
-        for batch in DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=0):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            batches.append(prepare_eval_batch(datamodule, batch))
-        return batches
+            return super().probe_batches(trainer, device, shard)
+        dataset = with_drawn_masks(getattr(trainer.datamodule, f"{self.split}_dataloader")().dataset,
+                                   "GradCamAMRCallback.masks")
+        n = min(self.num_images, len(dataset))
+        return self.load_probe(trainer, dataset, device, shard.indices(n) if shard else range(n))
 
-    def analyse(self, model: nn.Module, batches: list[dict]) -> GradCamReport:
-        if not batches:
+    def analyse(self, model: nn.Module, batches: list[dict], shard: Shard = ONE_PROCESS) -> GradCamReport:
+        """Each rank accumulates its shard; the accumulators' sums are gathered and added in rank order."""
+        if batches:
+            self._image_size = int(batches[0]["image"].shape[-1])
+        acc = accumulate_amr(model, batches, self.layer, self.method, self.target, self.masks, self.threshold,
+                             self.frontal, self.frontal_threshold, self.attributes, self.map_normalization)
+        states = shard.gather(acc.state_dict())
+        merged = AMRAccumulator(acc.attributes, self.threshold, self.map_normalization)
+        for state in states:
+            merged.merge(state)
+        if merged.state_dict()["counts"] is None:
             raise ValueError(f"GradCamAMRCallback: the {self.split} split gave no probe images")
-        self._image_size = int(batches[0]["image"].shape[-1])
-        result = run_amr(model, batches, self.layer, self.method, self.target, self.masks, self.threshold,
-                         self.frontal, self.frontal_threshold, self.attributes, self.map_normalization)
-        return GradCamReport(result, self.settings)
+        return GradCamReport(merged.result(), self.settings)
 
     def headline(self, result: GradCamReport) -> dict[str, float]:
         return result.headline()

@@ -19,12 +19,14 @@ from analysis.probing import (
     ProbingResult, ablation_study, collect_batches, conv_and_block_layers, extract_features, plot_accuracy_over_depth,
     plot_mean_accuracy, plot_vip_analysis, probe, vip_analysis,
 )
-from callbacks.base import AnalysisCallback, write_json
+from callbacks.base import ONE_PROCESS, AnalysisCallback, Shard, write_json
 from facelens.attributes import ATTRIBUTE_INDEX, resolve_attributes
 
 log = logging.getLogger(__name__)
 
 KINDS = ("layer_acc", "channel_acc", "neuron_acc")
+# With several ranks, features of at most this many bytes are gathered at once (a group of layers).
+GATHERED_FEATURE_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,6 +100,15 @@ def feasible_attributes(data: dict[str, torch.Tensor], attributes: Sequence[str]
     return keep, skipped
 
 
+def _collect(batches: list[dict]) -> dict[str, torch.Tensor]:
+    """`collect_batches`, or empty tensors for a rank whose shard holds no image."""
+    if batches:
+        return collect_batches(batches)
+    n = len(ATTRIBUTE_INDEX)
+    return {"image": torch.zeros(0, 3, 1, 1), "attributes": torch.zeros(0, n),
+            "attribute_mask": torch.zeros(0, n, dtype=torch.bool)}
+
+
 def mean_curve(result: ProbingResult, kind: str = "layer_acc") -> list[float]:
     """Mean accuracy over attributes at each depth (the Fig 5.4 curve)."""
     out = []
@@ -135,6 +146,7 @@ class ProbingCallback(AnalysisCallback):
     """
 
     name = "probing"
+    sharded = True
 
     def __init__(self, layers: list[str] | str | None = None, attributes: list[str] | None = None,
                  n_train: int = 256, n_val: int = 256, n_components: int = 8, top_k: int = 8, seed: int = 0,
@@ -151,21 +163,29 @@ class ProbingCallback(AnalysisCallback):
         self.n_train, self.n_val, self.n_components, self.top_k = n_train, n_val, n_components, top_k
         self.seed, self.precision = seed, precision
 
-    def analyse(self, model: nn.Module, batches: list[dict]) -> ProbingResult:
-        data = collect_batches(batches)
+    def analyse(self, model: nn.Module, batches: list[dict], shard: Shard = ONE_PROCESS) -> ProbingResult:
+        """Labels of every rank's shard are gathered in probe-set order, so all ranks draw the same balanced
+        samples; `probe` then shards feature extraction and fits over the ranks (see its `shard`)."""
+        data = _collect(batches)
+        if shard.world_size > 1:
+            parts = shard.gather({k: data[k] for k in ("attributes", "attribute_mask")})
+            data.update({k: shard.interleave([p[k] for p in parts]) for k in ("attributes", "attribute_mask")})
         layers = resolve_layers(model, self.layers, "ProbingCallback.layers")
         wanted = labelled_attributes(data, self.attributes, model, "ProbingCallback.attributes")
         attributes, skipped = feasible_attributes(data, wanted, self.n_train)
         if skipped:
             log.warning("ProbingCallback: too few samples of one class among %d probe images for %s; raise num_images",
-                        len(data["image"]), skipped)
+                        len(data["attributes"]), skipped)
         if not attributes:
             raise ValueError(f"ProbingCallback: no attribute can be balanced with n_train={self.n_train} in "
                              f"num_images={self.num_images} images (class counts {skipped})")
         device = next(model.parameters()).device
+        several = shard.world_size > 1
         result = probe(probed_network(model), layers, data["image"], data["attributes"], data["attribute_mask"],
                        attributes, self.n_train, self.n_val, self.n_components, self.top_k, seed=self.seed,
-                       batch_size=self.batch_size, device=device, keep_probes=False, precision=self.precision)
+                       batch_size=self.batch_size, device=device, keep_probes=False, precision=self.precision,
+                       max_feature_bytes=GATHERED_FEATURE_BYTES if several else 2 << 30,
+                       shard=shard if several else None)
         result.config["skipped"] = skipped
         return result
 

@@ -21,7 +21,7 @@ from analysis.face_regions import attribute_masks
 from analysis.gradcam import TARGETS
 from analysis.saliency import METHODS, saliency
 from analysis.saliency_eval import BASELINES, cascading_randomization, hiding_game, pointing_game
-from callbacks.base import AnalysisCallback, write_json
+from callbacks.base import ONE_PROCESS, AnalysisCallback, Shard, write_json
 from facelens.attributes import resolve_attributes
 
 
@@ -98,6 +98,23 @@ class SaliencyReport:
         self.sums[method][name] += np.where(valid, values, 0).sum(0)
         self.counts[method][name] += valid.sum(0)
 
+    def merge(self, other: SaliencyReport) -> SaliencyReport:
+        """Add another shard's sums and counts (e.g. another rank's images); the example and the randomisation
+        check are kept from whichever report has them (the one holding the probe set's first image). Returns
+        self."""
+        if other.attributes != self.attributes or other.config.methods != self.config.methods:
+            raise ValueError(f"SaliencyReport.merge: attributes or methods differ: {self.attributes}, "
+                             f"{self.config.methods} vs {other.attributes}, {other.config.methods}")
+        for m in self.config.methods:
+            for k in SCALARS:
+                self.sums[m][k] += other.sums[m][k]
+                self.counts[m][k] += other.counts[m][k]
+        self.num_images += other.num_images
+        self.randomization = self.randomization or other.randomization
+        if self.example_image is None:
+            self.example_image, self.example_maps = other.example_image, other.example_maps
+        return self
+
     def means(self, method: str, name: str) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.sums[method][name] / self.counts[method][name]
@@ -144,9 +161,11 @@ def _fixed_labels(logits: torch.Tensor) -> torch.Tensor:
 
 
 def run_saliency(model: nn.Module, batches: Sequence[dict], config: SaliencyConfig | None = None,
-                 attributes: Sequence[str] | None = None) -> SaliencyReport:
+                 attributes: Sequence[str] | None = None, randomization: bool = True) -> SaliencyReport:
     """All methods and checks of `config` on evaluation batches (batch contract) for a facelens attribute
-    model (`model.attribute_names`, `model.select(batch)`)."""
+    model (`model.attribute_names`, `model.select(batch)`); `randomization=False` leaves out the cascading
+    randomisation check (run on the first batch's first images). SmoothGrad's noise for an image is drawn
+    from `config.seed` and the image's `index`, so maps do not depend on how images are batched."""
     config = config or SaliencyConfig()
     names = list(getattr(model, "attribute_names", []))
     chosen = resolve_attributes(attributes, "saliency attributes") if attributes is not None else names
@@ -155,8 +174,6 @@ def run_saliency(model: nn.Module, batches: Sequence[dict], config: SaliencyConf
         raise ValueError(f"saliency attributes: {missing} are not outputs of this model ({names})")
     targets = [names.index(a) for a in chosen]
     report = SaliencyReport(chosen, config)
-    if not batches:
-        raise ValueError("run_saliency: no probe batch")
     for bi, batch in enumerate(batches):
         images = batch["image"]
         labels, label_mask = model.select(batch)
@@ -166,7 +183,10 @@ def run_saliency(model: nn.Module, batches: Sequence[dict], config: SaliencyConf
         report.num_images += images.shape[0]
         for method in config.methods:
             opts = config.method_options(method)
-            maps = saliency(model, images, method, targets=targets, target=config.target, labels=labels, **opts)
+            if method == "smoothgrad":
+                maps = _seeded_smoothgrad(model, batch, report.num_images - images.shape[0], targets, labels, config)
+            else:
+                maps = saliency(model, images, method, targets=targets, target=config.target, labels=labels, **opts)
             scores = amr_scores(maps, masks)
             rel = amr_scores(maps / maps.amax((-2, -1), keepdim=True).clamp_min(1e-30), masks,
                              config.amr_relative_threshold)
@@ -187,13 +207,30 @@ def run_saliency(model: nn.Module, batches: Sequence[dict], config: SaliencyConf
                 report.example_maps[method] = minmax_normalize(maps[0].double()).cpu().numpy()
         if bi == 0:
             report.example_image = images[0].detach().float().permute(1, 2, 0).cpu().numpy()
-            if config.randomization_images > 0:
-                _randomization(model, images[:config.randomization_images], targets, config, report)
+            if randomization and config.randomization_images > 0:
+                randomize(model, images[:config.randomization_images], targets, config, report)
     return report
 
 
-def _randomization(model: nn.Module, images: torch.Tensor, targets: list[int], config: SaliencyConfig,
-                   report: SaliencyReport) -> None:
+def _seeded_smoothgrad(model: nn.Module, batch: dict, first: int, targets: list[int], labels: torch.Tensor,
+                       config: SaliencyConfig) -> torch.Tensor:
+    """SmoothGrad one image at a time, each with noise from a generator seeded by (seed, image index); the
+    index is the batch's `index` entry, else the image's position in the stream (`first` + offset)."""
+    images = batch["image"]
+    index = batch.get("index")
+    index = index.tolist() if torch.is_tensor(index) else list(range(first, first + images.shape[0]))
+    opts = config.method_options("smoothgrad")
+    maps = []
+    for i, item in enumerate(index):
+        gen = torch.Generator(images.device).manual_seed(config.seed * 1_000_003 + int(item))
+        maps.append(saliency(model, images[i:i + 1], "smoothgrad", targets=targets, target=config.target,
+                             labels=labels[i:i + 1], generator=gen, **opts))
+    return torch.cat(maps)
+
+
+def randomize(model: nn.Module, images: torch.Tensor, targets: list[int], config: SaliencyConfig,
+              report: SaliencyReport) -> None:
+    """The cascading randomisation check of every method on `images`, stored in `report.randomization`."""
     with torch.no_grad():
         fixed = _fixed_labels(model(images))
     for method in config.methods:
@@ -284,6 +321,7 @@ class SaliencySanityCallback(AnalysisCallback):
     `SaliencyConfig` field (insertion is off by default here to halve the cost)."""
 
     name = "saliency"
+    sharded = True
 
     def __init__(self, methods: list[str] | None = None, attributes: list[str] | None = None,
                  config: dict | None = None, every_n_epochs: int = 1, num_images: int = 8, split: str = "val",
@@ -299,9 +337,35 @@ class SaliencySanityCallback(AnalysisCallback):
             raise ValueError(f"SaliencySanityCallback.config: unknown option(s) {unknown}; options: {sorted(valid)}")
         self.config = SaliencyConfig(**options)
         self.attributes = attributes
+        self._head: list[dict] | None = None
 
-    def analyse(self, model: nn.Module, batches: list[dict]) -> SaliencyReport:
-        return run_saliency(model, batches, self.config, self.attributes)
+    def probe_batches(self, trainer: pl.Trainer, device: torch.device, shard: Shard | None = None) -> list[dict]:
+        """This rank's share; rank zero of several also loads the probe set's head (the images of the
+        randomisation check, which a single process takes from its first batch)."""
+        self._head = None
+        if shard is not None and shard.world_size > 1 and shard.is_zero and self.config.randomization_images > 0:
+            loader = getattr(trainer.datamodule, f"{self.split}_dataloader")()
+            head = range(min(self.config.randomization_images, self.batch_size, self.num_images,
+                             len(loader.dataset)))
+            self._head = self.load_probe(trainer, loader.dataset, device, head, loader.collate_fn)
+        return super().probe_batches(trainer, device, shard)
+
+    def analyse(self, model: nn.Module, batches: list[dict], shard: Shard = ONE_PROCESS) -> SaliencyReport:
+        """Every rank scores its shard; the sums are gathered and added in rank order; rank zero then runs the
+        randomisation check on the first probe images."""
+        one = shard.world_size == 1
+        part = run_saliency(model, batches, self.config, self.attributes, randomization=one)
+        parts = shard.gather(part)
+        report = parts[0]
+        for other in parts[1:]:
+            report.merge(other)
+        if report.num_images == 0:
+            raise ValueError(f"SaliencySanityCallback: the {self.split} split gave no probe images")
+        if not one and shard.is_zero and self._head:
+            images = self._head[0]["image"][:self.config.randomization_images]
+            names = list(model.attribute_names)
+            randomize(model, images, [names.index(a) for a in report.attributes], self.config, report)
+        return report
 
     def headline(self, result: SaliencyReport) -> dict[str, float]:
         return result.headline()
@@ -378,6 +442,8 @@ def main(args: argparse.Namespace) -> int:
         randomization_steps=split(args.randomization_steps), images_per_pass=args.images_per_pass)
     model = load_model(args)
     batches = probe_batches(args, build_datamodule(args))
+    if not batches:
+        raise ValueError(f"--split {args.split}: no probe images")
     report = run_saliency(model, batches, config, split(args.attributes))
     out = output_dir(args)
     payload = {"checkpoint": str(args.checkpoint), **report.to_dict()}
