@@ -131,7 +131,7 @@ class AnalysisCallback(pl.Callback, abc.ABC):
 
     # -- to implement ---------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def analyse(self, model: torch.nn.Module, batches: list[dict], shard: Shard = ...) -> Any:
+    def analyse(self, model: torch.nn.Module, batches: list[dict], shard: Shard = ONE_PROCESS) -> Any:
         """Run the analysis on the probe batches; return a result with `to_dict()`. Sharded subclasses take
         `shard` (default `ONE_PROCESS`) and return the merged result on every rank; others take no shard."""
 
@@ -181,7 +181,7 @@ class AnalysisCallback(pl.Callback, abc.ABC):
             result = self._run(trainer, pl_module, epoch, shard)
         except AnalysisRankError:
             raise
-        except Exception as err:  # noqa: BLE001 - every failure must reach the other ranks
+        except Exception as err:  # every failure must reach the other ranks
             shard.exchange(err)
         shard.exchange()  # the analysis is over on every rank (replaces a barrier)
         return result
