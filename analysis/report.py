@@ -927,13 +927,14 @@ def summary_bias(rep: Report, runs: Sequence[Run], kind: str) -> None:
         w, b = worst.last("dissection"), base.last("dissection")
         layers = [lay for lay in w if lay in b]
         diffs = {lay: concept_units(kind, w[lay]) - concept_units(kind, b[lay]) for lay in layers}
-        per_layer = ", ".join(f"{lay} {concept_units(kind, w[lay])} vs {concept_units(kind, b[lay])}"
-                              for lay in layers)
-        top = max(diffs, key=diffs.get) if diffs else None
+        share = {lay: diffs[lay] / max(w[lay].num_units, 1) for lay in layers}  # layers differ in width
+        per_layer = ", ".join(f"{lay} {concept_units(kind, w[lay])} vs {concept_units(kind, b[lay])} of "
+                              f"{w[lay].num_units}" for lay in layers)
+        top = max(share, key=share.get) if share else None
         if top is not None and diffs[top] > 0:
             where.append(f"dissection: {worst.label} has the most {units} beyond {base.label} in {top} "
-                         f"({diffs[top]:+d}); per layer, {worst.label} vs {base.label} (last dissected "
-                         f"checkpoint): {per_layer}.")
+                         f"({diffs[top]:+d} units, {share[top]:+.0%} of the layer); per layer, {worst.label} vs "
+                         f"{base.label} (last dissected checkpoint): {per_layer}.")
         else:
             where.append(f"dissection: no layer of {worst.label} has more {units} than {base.label} "
                          f"(per layer: {per_layer}).")

@@ -97,8 +97,8 @@ def test_grayscale_answers(summary):
     assert which.startswith("grayscale_P100: gender accuracy 0.300 higher on bias-aligned"), which
     assert "above the 0.05 bias threshold" in which and "grayscale_P50 0.020, grayscale_P100 0.300" in which
     where = summary[("grayscale", "where in the network")]
-    assert "most grayscale-biased units beyond grayscale_P50 in layer4 (+6)" in where, where
-    assert "layer3 3 vs 1, layer4 8 vs 2" in where
+    assert "most grayscale-biased units beyond grayscale_P50 in layer4 (+6 units, +60% of the layer)" in where, where
+    assert "layer3 3 vs 1 of 10, layer4 8 vs 2 of 10" in where
     since = summary[("grayscale", "since which checkpoint")]
     # the gap is above 0.05 at epoch 1, dips at 2, and stays above from 3 on; units tie at 1, lead at 3
     assert "gap above 0.05 since the epoch-3 checkpoint" in since, since
