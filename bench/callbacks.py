@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measured: {args.num_train}-image epochs of {epoch_seconds:.1f} s ({images_per_second:.1f} img/s); "
           f"projected onto {args.run_config.name}: {run_epochs} epochs of {run_images} images, "
           f"{run_epoch_seconds:.0f} s each")
-    print(f"| callback | every_n_epochs | s / run (analysis) | share of measured epoch | share of {args.run_config.stem} epoch "
+    print(f"| callback | every_n_epochs | s / run (analysis) | share of measured epoch "
+          f"| share of {args.run_config.stem} epoch "
           f"| runs in {args.run_config.stem} | share of {args.run_config.stem} run |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     total = 0.0

@@ -1,8 +1,8 @@
 """Soak run: resident memory over a long fit with every analysis callback running on schedule.
 
-Trains a resnet18 on SynthFaces at 64 px (the smallest SynthFaces renders) with a tiny batch for --steps optimizer steps, as epochs of
---every steps (the analysis callbacks schedule by epoch), with Grad-CAM AMR, probing, dissection and the
-saliency sanity check all running after every epoch and W&B logging offline. After each analysis round a
+Trains a resnet18 on SynthFaces at 64 px (the smallest SynthFaces renders) with a tiny batch for --steps
+optimizer steps, as epochs of --every steps (the analysis callbacks schedule by epoch), with Grad-CAM AMR,
+probing, dissection and the saliency sanity check all running after every epoch and W&B logging offline. After each analysis round a
 last callback samples the process's resident set size (VmRSS). A leak in a callback (figures never closed,
 hooks never removed, histories holding tensors, W&B tables piling up) shows as RSS that keeps growing from
 round to round; allocator warm-up shows only over the first rounds, so growth is measured from the 3rd.
@@ -63,7 +63,8 @@ class RSSSampler(pl.Callback):
                              "seconds": time.perf_counter() - self._started, "cpu_seconds": cpu_seconds()})
         if self.verbose:
             s = self.samples[-1]
-            print(f"round {len(self.samples)}: step {s['step']}, RSS {s['rss'] / MIB:.1f} MiB, {s['seconds']:.0f} s wall, "
+            print(f"round {len(self.samples)}: step {s['step']}, RSS {s['rss'] / MIB:.1f} MiB, "
+                  f"{s['seconds']:.0f} s wall, "
                   f"{s['cpu_seconds']:.0f} s CPU",
                   flush=True)
 
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'round':>5s}{'step':>6s}{'RSS MiB':>9s}{'vs 3rd':>8s}{'wall s':>8s}{'CPU s':>8s}")
     for i, s in enumerate(samples):
         delta = (s["rss"] - samples[min(2, len(samples) - 1)]["rss"]) / MIB
-        print(f"{i + 1:>5d}{s['step']:>6d}{s['rss'] / MIB:>9.1f}{delta:>+8.1f}{s['seconds']:>8.1f}{s['cpu_seconds']:>8.1f}")
+        print(f"{i + 1:>5d}{s['step']:>6d}{s['rss'] / MIB:>9.1f}{delta:>+8.1f}{s['seconds']:>8.1f}"
+              f"{s['cpu_seconds']:>8.1f}")
     for cb in callbacks:
         seconds = [r[f"{cb.name}/seconds"] for r in cb.history]
         print(f"{cb.name}: {len(seconds)} runs, {sum(seconds) / len(seconds):.2f} s analysis and "
