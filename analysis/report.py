@@ -1019,7 +1019,10 @@ def summary_affact(rep: Report, runs: Sequence[Run]) -> None:
     b, u = bal[-1], unb[-1]
     name = "class imbalance (AFFACT balanced vs unbalanced)"
     metrics = {r.label: (r.summary.get("metrics") or {}) for r in (b, u)}
-    attrs = sorted({k.split("/", 2)[2] for m in metrics.values() for k in m if k.startswith("val/error/")})
+    pair = affact_pair(runs)
+    # the same imbalanced half as the AMR finding when the runs have Grad-CAM results
+    attrs = [a for a in pair[0].last("amr").attributes if a in pair[1].last("amr").attributes] if pair else \
+        sorted({k.split("/", 2)[2] for m in metrics.values() for k in m if k.startswith("val/error/")})
     chosen = imbalanced_attributes(attrs)
     mb, mu = majority_bias(metrics[b.label], chosen), majority_bias(metrics[u.label], chosen)
     if mb is None or mu is None:
@@ -1038,7 +1041,6 @@ def summary_affact(rep: Report, runs: Sequence[Run]) -> None:
     top = sorted(per_attr, key=per_attr.get, reverse=True)[:3]
     where = (f"attributes: the largest excess of {worst.label} is on " + ", ".join(f"{a} ({per_attr[a]:+.3f})" for a in top)
              + ". Network depth: no dissection or probing in these runs.")
-    pair = affact_pair(runs)
     if pair is not None:
         rb, ru = pair[0].last("amr"), pair[1].last("amr")
         g = GROUPS.index("overall")
