@@ -849,9 +849,13 @@ def claim_affact_amr(rep: Report, runs: Sequence[Run]) -> None:
         return float(np.mean(vals)) if vals else float("nan")
 
     mb, mu = mean(b), mean(u)
+    h, w = b.average_maps.shape[-2:]
+    resolution = (f"; Grad-CAM maps of {h}x{w} cells, so AMR moves in coarse steps at this resolution"
+                  if np.isfinite(b.average_maps).any() else "")
     rep.finding(claim, bool(mb > mu), f"mean overall AMR over the {len(chosen)} most imbalanced attributes "
                 f"({', '.join(chosen[:6])}{', ...' if len(chosen) > 6 else ''}): balanced {mb:.3f} vs unbalanced "
-                f"{mu:.3f}; over all {len(common)}: {b.mean_row()['overall']:.3f} vs {u.mean_row()['overall']:.3f}")
+                f"{mu:.3f}; over all {len(common)}: {b.mean_row()['overall']:.3f} vs {u.mean_row()['overall']:.3f}"
+                + resolution)
 
 
 def claim_probes(rep: Report, runs: Sequence[Run]) -> None:
