@@ -1,7 +1,7 @@
 """Issue 5's claim on SynthFaces: a model trained to detect eyeglasses has a clearly higher eyeglasses AMR
 than the same architecture at random initialisation.
 
-    python bench/gradcam_trained_vs_random.py                  # resnet18, 64 px, 4 epochs: ~5 min on 2 cores
+    python bench/gradcam_trained_vs_random.py                  # resnet18, 64 px, 4 epochs: ~10 CPU-minutes
     python bench/gradcam_trained_vs_random.py --epochs 2 --layers layer3 layer4 --out /tmp/amr
 
 Trains a resnet18 AttributeModule on Eyeglasses (SynthFaces, uniform priors: half the faces wear glasses),
