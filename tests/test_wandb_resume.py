@@ -138,6 +138,9 @@ def test_killed_and_resumed_run_logs_every_step_once(tmp_path, offline):
 
     merged = history_by_step(read_offline_run(work / "wandb"))
     assert sorted(merged) == sorted(reference)  # every step of the uninterrupted run, each once
+    # each epoch's validation sits on its last step with its own epoch, although the prediction grid was logged
+    # at trainer.global_step (the next step) before it
+    assert {s: r["epoch"] for s, r in merged.items() if "val/mean_error" in r} == {3: 0, 7: 1, 11: 2}
     for step, ref in reference.items():
         assert merged[step].keys() - {"_runtime", "_timestamp"} == ref.keys() - {"_runtime", "_timestamp"}, step
         for key in ("train/loss_step", "val/mean_error", "lr-AdamW"):
