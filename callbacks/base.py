@@ -162,10 +162,14 @@ class AnalysisCallback(pl.Callback, abc.ABC):
 
     # -- schedule -------------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer, pl_module):
-        self._epoch_started = time.perf_counter()
+        self._epoch_started = self._last_batch_end = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_train_seconds = time.perf_counter() - self._epoch_started
+        # up to the last batch: other callbacks' epoch-end analyses are not training time
+        self._last_train_seconds = self._last_batch_end - self._epoch_started
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and epoch == trainer.max_epochs - 1
         if (epoch + 1) % self.every_n_epochs and not (self.run_on_last_epoch and (last or trainer.should_stop)):
@@ -202,24 +206,27 @@ class AnalysisCallback(pl.Callback, abc.ABC):
             pl_module.train(was_training)
         if not shard.is_zero:
             return result
-        seconds = time.perf_counter() - started
+        self.save(trainer, result, epoch)
+        self.log_extra(trainer, result, epoch)
+        seconds = time.perf_counter() - started  # the whole cost: probe set, analysis, files, figures, tables
         scalars = {f"{self.name}/{k}": float(v) for k, v in self.headline(result).items()}
         scalars[f"{self.name}/seconds"] = seconds
         if self._last_train_seconds > 0:
             scalars[f"{self.name}/share_of_epoch"] = seconds / self._last_train_seconds
         self.history.append({"epoch": epoch, "step": trainer.global_step, **scalars})
-        self.save(trainer, result, epoch)
+        write_json(self.folder(trainer) / "history.json", self.history)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-        self.log_extra(trainer, result, epoch)
         return result
 
-    def save(self, trainer: pl.Trainer, result: Any, epoch: int) -> Path:
+    def folder(self, trainer: pl.Trainer) -> Path:
         folder = run_dir(trainer) / "analysis" / self.name
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"epoch{epoch:03d}.json"
+        return folder
+
+    def save(self, trainer: pl.Trainer, result: Any, epoch: int) -> Path:
+        path = self.folder(trainer) / f"epoch{epoch:03d}.json"
         write_json(path, result.to_dict() if hasattr(result, "to_dict") else result)
-        write_json(folder / "history.json", self.history)
         return path
 
     # -- resume ---------------------------------------------------------------------------------------------

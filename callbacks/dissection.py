@@ -162,7 +162,7 @@ class DissectionCallback(AnalysisCallback):
 
     def __init__(self, layers: list[str] | None = None, dictionary: str | None = None, dictionary_count: int = 64,
                  dictionary_size: int = 64, dictionary_seed: int = 0, confidence: float = 0.9,
-                 config: dict | None = None, top_units: int = 3, every_n_epochs: int = 1, batch_size: int = 32,
+                 config: dict | None = None, top_units: int = 3, every_n_epochs: int = 10, batch_size: int = 32,
                  run_on_last_epoch: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, num_images=max(dictionary_count, 1), batch_size=batch_size,
                          run_on_last_epoch=run_on_last_epoch)

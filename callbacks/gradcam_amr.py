@@ -234,7 +234,7 @@ class GradCamAMRCallback(AnalysisCallback):
     def __init__(self, layer: str = "layer4", method: str = "gradcam", target: str = "predicted",
                  masks: str = "v2", threshold: float = 0.0, frontal: bool = False, frontal_threshold: float = 0.1,
                  attributes: list[str] | None = None, map_normalization: str = "minmax",
-                 every_n_epochs: int = 1, num_images: int = 256, split: str = "val", batch_size: int = 32,
+                 every_n_epochs: int = 3, num_images: int = 128, split: str = "val", batch_size: int = 32,
                  run_on_last_epoch: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, num_images=num_images, split=split, batch_size=batch_size,
                          run_on_last_epoch=run_on_last_epoch)

@@ -149,8 +149,8 @@ class ProbingCallback(AnalysisCallback):
     sharded = True
 
     def __init__(self, layers: list[str] | str | None = None, attributes: list[str] | None = None,
-                 n_train: int = 256, n_val: int = 256, n_components: int = 8, top_k: int = 8, seed: int = 0,
-                 precision: str = "auto", every_n_epochs: int = 1, num_images: int = 1024, split: str = "val",
+                 n_train: int = 128, n_val: int = 128, n_components: int = 8, top_k: int = 8, seed: int = 0,
+                 precision: str = "auto", every_n_epochs: int = 3, num_images: int = 512, split: str = "val",
                  batch_size: int = 64, run_on_last_epoch: bool = True):
         super().__init__(every_n_epochs, num_images, split, batch_size, run_on_last_epoch)
         if n_train < 2 or n_train % 2 or n_val < 2 or n_val % 2:

@@ -324,7 +324,7 @@ class SaliencySanityCallback(AnalysisCallback):
     sharded = True
 
     def __init__(self, methods: list[str] | None = None, attributes: list[str] | None = None,
-                 config: dict | None = None, every_n_epochs: int = 1, num_images: int = 8, split: str = "val",
+                 config: dict | None = None, every_n_epochs: int = 10, num_images: int = 4, split: str = "val",
                  batch_size: int = 8, run_on_last_epoch: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, num_images=num_images, split=split, batch_size=batch_size,
                          run_on_last_epoch=run_on_last_epoch)

@@ -27,7 +27,8 @@ def fitted(tmp_path_factory):
     data = SynthFacesDataModule(size=64, num_train=64, num_val=160, num_test=16, num_identities=32, batch_size=32,
                                 num_workers=0, prior_preset="uniform")
     model = AttributeModule(backbone="resnet18", attributes=ATTRS, lr=0.003)
-    callback = ProbingCallback(layers=LAYERS, n_train=48, n_val=48, num_images=160, n_components=4, top_k=4)
+    callback = ProbingCallback(layers=LAYERS, n_train=48, n_val=48, num_images=160, n_components=4, top_k=4,
+                               every_n_epochs=1)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
     trainer = pl.Trainer(max_epochs=2, default_root_dir=root, logger=CSVLogger(root), callbacks=[callback, checkpoint],
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
