@@ -157,10 +157,11 @@ def _wandb_metrics(wandb_dir: str | None) -> dict[str, list[tuple[int, float]]]:
     W&B file (empty when unavailable)."""
     if not wandb_dir or not Path(wandb_dir).is_dir():
         return {}
-    from facelens.wandb_io import read_offline_run
+    from facelens.wandb_io import read_offline_run, run_folders
 
-    try:
-        history = read_offline_run(wandb_dir).history
+    folder = Path(wandb_dir)
+    try:  # every folder of the run id: the first process's and one per resume, merged by step
+        history = read_offline_run(run_folders(folder.parent, folder.name.rsplit("-", 1)[-1]) or [folder]).history
     except Exception:  # an unreadable or foreign W&B file only costs the curves over epochs
         return {}
     out: dict[str, list[tuple[int, float]]] = {}
