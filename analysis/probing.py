@@ -604,16 +604,56 @@ def extract_features(model: nn.Module, layers: Sequence[str], images: Tensor, ba
 
 
 def layer_row_blocks(model: nn.Module, layer: str, images: Tensor, batch_size: int = 64,
-                     device: torch.device | str | None = None) -> RowBlocks:
-    """Streaming PLS input for a layer too large to hold: every pass re-runs the model over `images`."""
+                     device: torch.device | str | None = None, index: Tensor | None = None,
+                     columns: Tensor | None = None) -> RowBlocks:
+    """Streaming PLS input for a layer too large to hold: every pass re-runs the model over `images`
+    (or over `images[index]`, a batch of images at a time), keeping `columns` of the flattened layer."""
+    count = len(images) if index is None else len(index)
+    out_device = _model_device(model, device)
 
     def make():
-        for lo in range(0, len(images), batch_size):
-            feats, _ = extract_features(model, [layer], images[lo:lo + batch_size], batch_size, device,
-                                        out_device=_model_device(model, device))
-            yield feats[layer]
+        for lo in range(0, count, batch_size):
+            batch = images[lo:lo + batch_size] if index is None else images[index[lo:lo + batch_size]]
+            feats, _ = extract_features(model, [layer], batch, batch_size, device, out_device=out_device)
+            yield feats[layer] if columns is None else feats[layer][:, columns.to(out_device)]
 
     return RowBlocks(make)
+
+
+def streamed_single_feature_accuracy(blocks: RowBlocks, y: Tensor, chunk: int = 65536) -> Tensor:
+    """`single_feature_accuracy(X, y, X, y)` (training accuracy of a one-feature QDA on every column) with X
+    given as row blocks: three passes (class means, variances, predictions), never the whole of X."""
+    y = torch.as_tensor(y).reshape(-1).cpu().bool()
+    if y.all() or not y.any():
+        raise ValueError("streamed_single_feature_accuracy: y needs both classes")
+
+    def rows():
+        lo = 0
+        for block in blocks.make():
+            yield block.double(), y[lo:lo + len(block)].to(block.device)
+            lo += len(block)
+        if lo != len(y):
+            raise ValueError(f"streamed_single_feature_accuracy: blocks yielded {lo} rows for {len(y)} labels")
+
+    counts = torch.stack([(~y).sum(), y.sum()]).double()
+    sums = None
+    for x, yb in rows():
+        part = torch.stack([x[~yb].sum(0), x[yb].sum(0)])
+        sums = part if sums is None else sums + part
+    means = sums / counts.to(sums.device)[:, None]
+    squares = torch.zeros_like(means)
+    for x, yb in rows():
+        squares += torch.stack([((x[~yb] - means[0]) ** 2).sum(0), ((x[yb] - means[1]) ** 2).sum(0)])
+    var = squares / counts.to(means.device)[:, None]
+    for lo in range(0, var.shape[1], chunk):  # the floor is relative to each chunk's largest, as in-memory
+        part = var[:, lo:lo + chunk]
+        var[:, lo:lo + chunk] = part.clamp_min(part.max(1, keepdim=True).values.clamp_min(1e-300) * 1e-10)
+    priors = (counts / len(y)).log().to(means.device)
+    correct = torch.zeros(var.shape[1], dtype=torch.float64, device=means.device)
+    for x, yb in rows():
+        scores = [-0.5 * ((x - means[k]) ** 2 / var[k] + var[k].log()) + priors[k] for k in (0, 1)]
+        correct += ((scores[1] > scores[0]) == yb[:, None]).double().sum(0)
+    return correct / len(y)
 
 
 def channel_of_neuron(shape: Sequence[int]) -> Tensor | None:
@@ -739,14 +779,18 @@ class ProbingResult:
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_ranking(neuron_ranking: str) -> None:
+    if neuron_ranking not in ("vip", "accuracy"):
+        raise ValueError(f"probe: neuron_ranking must be 'vip' or 'accuracy', got {neuron_ranking!r}")
+
+
 def probe_features(X_train: Tensor, y_train: Tensor, X_val: Tensor, y_val: Tensor, shape: Sequence[int],
                    layer: str = "layer", attribute: str = "attribute", n_components: int = 8, top_k: int = 8,
                    neuron_ranking: str = "vip", reg_param: float = 0.0, keep: bool = True,
                    precision: str = "auto") -> LayerAttributeProbe:
     """Whole layer, top-k channels by mean VIP, top-k neurons (by VIP or by single-neuron training
     accuracy) and each of those channels and neurons alone (seed 003 section 5.1.2)."""
-    if neuron_ranking not in ("vip", "accuracy"):
-        raise ValueError(f"probe: neuron_ranking must be 'vip' or 'accuracy', got {neuron_ranking!r}")
+    _check_ranking(neuron_ranking)
     m = X_train.shape[1]
     if math.prod(shape) != m:
         raise ValueError(f"probe: layer {layer} shape {tuple(shape)} does not match {m} features")
@@ -755,53 +799,109 @@ def probe_features(X_train: Tensor, y_train: Tensor, X_val: Tensor, y_val: Tenso
         vip = PLS(min(m, len(X_train) - 1)).fit(X_train, y_train).vip_ if m > 1 else torch.ones(1, dtype=torch.float64)
     else:
         vip = whole.pls.vip_
+    ranking = single_feature_accuracy(X_train, y_train, X_train, y_train) if neuron_ranking == "accuracy" else None
+    return _probe_columns(whole, whole.accuracy(X_val, y_val), vip, ranking,
+                          lambda cols: (X_train[:, cols.to(X_train.device)], X_val[:, cols.to(X_val.device)]),
+                          y_train, y_val, shape, layer, attribute, n_components, top_k, reg_param, keep)
+
+
+def _probe_columns(whole: Probe, layer_acc: float, vip: Tensor, ranking: Tensor | None,
+                   columns: Callable[[Tensor], tuple[Tensor, Tensor]], y_train: Tensor, y_val: Tensor,
+                   shape: Sequence[int], layer: str, attribute: str, n_components: int, top_k: int,
+                   reg_param: float, keep: bool) -> LayerAttributeProbe:
+    """The channel and neuron probes of `probe_features`, given the whole-layer probe, the VIP scores and
+    (neuron_ranking 'accuracy') the single-neuron training accuracies. They read only the columns of the top
+    channels and neurons, which `columns(sorted layer columns)` returns as (train, validation) matrices; the
+    kept probes index the whole layer."""
     vip = vip.cpu()
     probes = {"layer": whole}
-    k = min(top_k, m)
-
+    k = min(top_k, len(vip))
     channel_of = channel_of_neuron(shape)
-    top_channels, channel_accs, channel_acc = [], [], None
+    top_channels, channel_cols = [], torch.empty(0, dtype=torch.long)
     if channel_of is not None:
         n_channels = int(channel_of.max()) + 1
         channel_vip = torch.zeros(n_channels, dtype=torch.float64).index_add_(0, channel_of, vip) \
             / torch.bincount(channel_of, minlength=n_channels)
         top_channels = channel_vip.topk(min(top_k, n_channels)).indices.tolist()
-        cols = torch.nonzero(torch.isin(channel_of, torch.tensor(top_channels))).reshape(-1)
-        probes["channels"] = fit_probe(X_train, y_train, cols, n_components, reg_param=reg_param)
-        channel_acc = probes["channels"].accuracy(X_val, y_val)
-        for c in top_channels:
-            single = fit_probe(X_train, y_train, torch.nonzero(channel_of == c).reshape(-1), n_components,
-                               reg_param=reg_param)
-            channel_accs.append(single.accuracy(X_val, y_val))
+        channel_cols = torch.nonzero(torch.isin(channel_of, torch.tensor(top_channels))).reshape(-1)
+    top_neurons = (vip if ranking is None else ranking.cpu()).topk(k).indices
+    needed = torch.unique(torch.cat([channel_cols, top_neurons]))
+    X_train, X_val = columns(needed)
 
-    if neuron_ranking == "vip":
-        top_neurons = vip.topk(k).indices
-    else:
-        top_neurons = single_feature_accuracy(X_train, y_train, X_train, y_train).cpu().topk(k).indices
-    probes["neurons"] = fit_probe(X_train, y_train, top_neurons, n_components, use_pls=False, reg_param=reg_param)
-    neuron_acc = probes["neurons"].accuracy(X_val, y_val)
-    cols = top_neurons.to(X_train.device)
-    neuron_accs = single_feature_accuracy(X_train[:, cols], y_train, X_val[:, cols.to(X_val.device)], y_val)
+    def fit(cols: Tensor, use_pls: bool = True) -> tuple[Probe, float]:
+        fitted = fit_probe(X_train, y_train, torch.searchsorted(needed, cols), n_components, use_pls, reg_param)
+        acc = fitted.accuracy(X_val, y_val)
+        fitted.columns = cols
+        return fitted, acc
+
+    channel_acc, channel_accs = None, []
+    if channel_of is not None:
+        probes["channels"], channel_acc = fit(channel_cols)
+        channel_accs = [fit(torch.nonzero(channel_of == c).reshape(-1))[1] for c in top_channels]
+    probes["neurons"], neuron_acc = fit(top_neurons, use_pls=False)
+    local = torch.searchsorted(needed, top_neurons).to(X_train.device)
+    neuron_accs = single_feature_accuracy(X_train[:, local], y_train, X_val[:, local.to(X_val.device)], y_val)
     return LayerAttributeProbe(
-        layer, attribute, whole.accuracy(X_val, y_val), channel_acc, neuron_acc, top_channels, channel_accs,
+        layer, attribute, layer_acc, channel_acc, neuron_acc, top_channels, channel_accs,
         top_neurons.tolist(), neuron_accs.tolist(), len(X_train), len(X_val),
         vip if keep else None, probes if keep else {})
 
 
-def _layer_groups(model: nn.Module, layers: Sequence[str], images: Tensor, n: int, max_bytes: int,
-                  device: torch.device) -> list[list[str]]:
-    """Split layers into groups whose features for n images fit in max_bytes (one forward sweep each)."""
-    _, shapes = extract_features(model, layers, images[:1], 1, device)
-    groups: list[list[str]] = [[]]
+def probe_streamed(model: nn.Module, layer: str, images: Tensor, train: Tensor, val: Tensor, y_train: Tensor,
+                   y_val: Tensor, shape: Sequence[int], attribute: str = "attribute", n_components: int = 8,
+                   top_k: int = 8, neuron_ranking: str = "vip", reg_param: float = 0.0, keep: bool = True,
+                   precision: str = "auto", batch_size: int = 128,
+                   device: torch.device | str | None = None) -> LayerAttributeProbe:
+    """`probe_features` of a layer too large to hold, with `images[train]` and `images[val]` as samples:
+    the PLS fit, its validation scores and the single-neuron ranking make passes over batches of
+    activations recomputed by forward passes; only the columns of the top channels and neurons are held.
+    Equal to the in-memory result (the working precision of "auto" is resolved from the same matrix size)."""
+    _check_ranking(neuron_ranking)
+    device = _model_device(model, device)
+    m, n = math.prod(shape), len(train)
+    if m <= n_components:
+        raise ValueError(f"probe: layer {layer} has {m} features, too few to stream a {n_components}-component PLS")
+
+    def blocks(index: Tensor, columns: Tensor | None = None) -> RowBlocks:
+        return layer_row_blocks(model, layer, images, batch_size, device, index, columns)
+
+    if precision == "auto":
+        precision = "float64" if n * m <= PLS.AUTO_FLOAT64_MAX_ENTRIES else "float32"
+    y_train = torch.as_tensor(y_train).reshape(-1).to(device)
+    y_val = torch.as_tensor(y_val).reshape(-1).to(device)
+    pls = PLS(min(n_components, n - 1), device=device, precision=precision).fit(blocks(train), y_train)
+    whole = Probe(QDA(reg_param).fit(pls.x_scores_, y_train.to(pls.device_)), pls, None)
+    predicted = whole.qda.predict(pls.transform(blocks(val)))
+    layer_acc = (predicted == y_val.to(predicted.device)).double().mean().item()
+    ranking = streamed_single_feature_accuracy(blocks(train), y_train) if neuron_ranking == "accuracy" else None
+
+    def columns(cols: Tensor) -> tuple[Tensor, Tensor]:
+        return tuple(torch.cat(list(blocks(index, cols).make())) for index in (train, val))
+
+    return _probe_columns(whole, layer_acc, pls.vip_, ranking, columns, y_train, y_val, shape, layer, attribute,
+                          n_components, top_k, reg_param, keep)
+
+
+def _layer_groups(model: nn.Module, layers: Sequence[str], image: Tensor, n: int, max_bytes: int,
+                  n_components: int, device: torch.device) -> tuple[list[tuple[list[str], bool]],
+                                                                   dict[str, tuple[int, ...]]]:
+    """Split layers into groups whose features for n images fit in max_bytes (one forward sweep each), and
+    each layer's shape. A layer larger than max_bytes alone is a group of its own marked streamed."""
+    _, shapes = extract_features(model, layers, image[:1], 1, device)
+    groups: list[tuple[list[str], bool]] = []
     used = 0
     for name in layers:
-        size = math.prod(shapes[name]) * 4 * n
-        if groups[-1] and used + size > max_bytes:
-            groups.append([])
+        m = math.prod(shapes[name])
+        size = m * 4 * n
+        if size > max_bytes and m > n_components:
+            groups.append(([name], True))
+            continue
+        if not groups or groups[-1][1] or used + size > max_bytes:
+            groups.append(([], False))
             used = 0
-        groups[-1].append(name)
+        groups[-1][0].append(name)
         used += size
-    return groups
+    return groups, shapes
 
 
 def probe(model: nn.Module, layers: Sequence[str], images: Tensor | Iterable[Mapping[str, Tensor]],
@@ -816,13 +916,17 @@ def probe(model: nn.Module, layers: Sequence[str], images: Tensor | Iterable[Map
     images: (N, 3, H, W) in [0, 1] with labels (N, 40) in CelebA order (and optional label_mask), or a
     loader of batch-contract dicts (collected to memory). Each attribute gets its own balanced sample
     (seeded by seed + attribute index); features of all sampled images are extracted once per group of
-    layers fitting in max_feature_bytes.
+    layers fitting in max_feature_bytes. A layer whose features of the sampled images alone exceed
+    max_feature_bytes is streamed (`probe_streamed`): no (images x features) matrix of it is built, its
+    fits re-run the model over batches of images (2 n_components + 2 forward sweeps per attribute), and the
+    result equals the in-memory one.
 
     shard: for several processes, an object with `rank`, `world_size` and `gather(value) -> [value of each
     rank]` (e.g. `callbacks.base.Shard`). Then `images` are only this rank's items rank, rank + world_size, ...
     of the N labelled ones; each rank extracts the features of its sampled images, the features are put
     back in global order on every rank, the (layer, attribute) fits are spread over the ranks and gathered, so
-    the result equals the one-process result.
+    the result equals the one-process result. For streamed layers the sampled images (not their features)
+    are gathered instead.
     """
     if not isinstance(images, Tensor):
         data = collect_batches(images)
@@ -835,6 +939,9 @@ def probe(model: nn.Module, layers: Sequence[str], images: Tensor | Iterable[Map
                          + (f" on rank {rank} of {world}" if world > 1 else "") + f", got {tuple(labels.shape)}")
     if world > 1 and keep_probes:
         raise ValueError("probe: keep_probes=True needs one process (fitted probes stay on the rank that fits them)")
+    if max_feature_bytes <= 0:
+        raise ValueError(f"probe: max_feature_bytes must be positive, got {max_feature_bytes!r}")
+    _check_ranking(neuron_ranking)
     layers = list(layers)
     if not layers:
         raise ValueError("probe: no layers given")
@@ -848,35 +955,56 @@ def probe(model: nn.Module, layers: Sequence[str], images: Tensor | Iterable[Map
     pool = torch.unique(torch.cat([torch.cat(s) for s in splits.values()]))
     position = {attr: (torch.searchsorted(pool, tr), torch.searchsorted(pool, va)) for attr, (tr, va) in splits.items()}
     owner = pool % world  # the rank holding each sampled image, at local row pool // world
-    local = images[pool[owner == rank] // world]
-    entries, shapes = {}, {}
+    entries = {}
     probe_image = images[:1] if len(images) else None
     if world > 1:  # a rank may hold no image: the layer shapes come from an image of any rank
         probe_image = next(x for x in shard.gather(probe_image) if x is not None)
-    for group in _layer_groups(model, layers, probe_image.to(device), len(pool), max_feature_bytes, device):
-        if len(local):
-            feats, group_shapes = extract_features(model, group, local, batch_size, device, out_device=device)
-        else:  # this rank holds none of the sampled images
-            _, group_shapes = extract_features(model, group, probe_image, 1, device)
-            feats = {name: torch.empty(0, math.prod(group_shapes[name]), device=device) for name in group}
-        shapes.update(group_shapes)
-        if world > 1:
-            parts = shard.gather(feats)
-            feats = {}
-            for layer in group:
-                X = torch.empty(len(pool), math.prod(shapes[layer]), device=device)
-                for r, part in enumerate(parts):
-                    X[(owner == r).to(device)] = part[layer].to(device)
-                feats[layer] = X
+    groups, shapes = _layer_groups(model, layers, probe_image.to(device), len(pool), max_feature_bytes, n_components,
+                                   device)
+    local = pooled = None
+    for group, streamed in groups:
         pairs = [(layer, attr) for layer in group for attr in attributes]
         mine = {}
-        for layer, attr in pairs[rank::world]:
-            X = feats[layer]
-            tr, va = (i.to(X.device) for i in position[attr])
-            y = (labels[pool, ATTRIBUTE_INDEX[attr]] > 0.5).long().to(X.device)
-            mine[(layer, attr)] = probe_features(X[tr], y[tr], X[va], y[va], shapes[layer], layer, attr, n_components,
-                                                 top_k, neuron_ranking, reg_param, keep_probes, precision)
-        del feats
+        if streamed:
+            if world == 1:  # sampled images by their index in `images`
+                source, index = images, splits
+            else:  # every rank gets the sampled images, in pool order
+                if pooled is None:
+                    parts = shard.gather(images[pool[owner == rank] // world])
+                    pooled = torch.empty(len(pool), *probe_image.shape[1:], dtype=probe_image.dtype)
+                    for r, part in enumerate(parts):
+                        pooled[owner == r] = part.to(pooled.device)
+                source, index = pooled, position
+            for layer, attr in pairs[rank::world]:
+                tr, va = index[attr]
+                y = labels[:, ATTRIBUTE_INDEX[attr]] > 0.5
+                mine[(layer, attr)] = probe_streamed(
+                    model, layer, source, tr, va, y[splits[attr][0]].long(), y[splits[attr][1]].long(),
+                    shapes[layer], attr, n_components, top_k, neuron_ranking, reg_param, keep_probes, precision,
+                    batch_size, device)
+        else:
+            if local is None:
+                local = images[pool[owner == rank] // world]
+            if len(local):
+                feats, _ = extract_features(model, group, local, batch_size, device, out_device=device)
+            else:  # this rank holds none of the sampled images
+                feats = {name: torch.empty(0, math.prod(shapes[name]), device=device) for name in group}
+            if world > 1:
+                parts = shard.gather(feats)
+                feats = {}
+                for layer in group:
+                    X = torch.empty(len(pool), math.prod(shapes[layer]), device=device)
+                    for r, part in enumerate(parts):
+                        X[(owner == r).to(device)] = part[layer].to(device)
+                    feats[layer] = X
+            for layer, attr in pairs[rank::world]:
+                X = feats[layer]
+                tr, va = (i.to(X.device) for i in position[attr])
+                y = (labels[pool, ATTRIBUTE_INDEX[attr]] > 0.5).long().to(X.device)
+                mine[(layer, attr)] = probe_features(X[tr], y[tr], X[va], y[va], shapes[layer], layer, attr,
+                                                     n_components, top_k, neuron_ranking, reg_param, keep_probes,
+                                                     precision)
+            del feats
         for part in (shard.gather(mine) if world > 1 else [mine]):
             entries.update(part)
     entries = {(layer, attr): entries[(layer, attr)] for layer in layers for attr in attributes}
