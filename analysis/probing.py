@@ -603,19 +603,48 @@ def extract_features(model: nn.Module, layers: Sequence[str], images: Tensor, ba
     return {k: torch.cat(v) for k, v in feats.items()}, shapes
 
 
+class _Reached(Exception):
+    """Raised by a forward hook to end a forward pass at the layer being streamed."""
+
+    def __init__(self, output: Tensor):
+        super().__init__()
+        self.output = output
+
+
 def layer_row_blocks(model: nn.Module, layer: str, images: Tensor, batch_size: int = 64,
                      device: torch.device | str | None = None, index: Tensor | None = None,
                      columns: Tensor | None = None) -> RowBlocks:
     """Streaming PLS input for a layer too large to hold: every pass re-runs the model over `images`
-    (or over `images[index]`, a batch of images at a time), keeping `columns` of the flattened layer."""
+    (or over `images[index]`), a batch at a time and in eval mode, yielding float32 (batch, m) blocks of
+    the flattened layer (only `columns` of it when given). Each forward pass stops at the layer (its first
+    call, for a module called more than once), so an early layer costs only the network up to it."""
     count = len(images) if index is None else len(index)
-    out_device = _model_device(model, device)
+    device = _model_device(model, device)
+    module = resolve_layer(model, layer)
 
+    def stop(_m, _inp, out):
+        raise _Reached(out[0] if isinstance(out, (tuple, list)) else out)
+
+    @torch.no_grad()
     def make():
-        for lo in range(0, count, batch_size):
-            batch = images[lo:lo + batch_size] if index is None else images[index[lo:lo + batch_size]]
-            feats, _ = extract_features(model, [layer], batch, batch_size, device, out_device=out_device)
-            yield feats[layer] if columns is None else feats[layer][:, columns.to(out_device)]
+        was_training = model.training
+        model.eval()
+        handle = module.register_forward_hook(stop)
+        try:
+            for lo in range(0, count, batch_size):
+                batch = images[lo:lo + batch_size] if index is None else images[index[lo:lo + batch_size]]
+                try:
+                    model(batch.to(device))
+                except _Reached as reached:
+                    out = reached.output
+                else:
+                    raise RuntimeError(f"layer_row_blocks: the forward pass of {type(model).__name__} never "
+                                       f"called layer {layer!r}")
+                out = out.reshape(len(out), -1).float()
+                yield out if columns is None else out[:, columns.to(out.device)]
+        finally:
+            handle.remove()
+            model.train(was_training)
 
     return RowBlocks(make)
 

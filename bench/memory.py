@@ -7,7 +7,13 @@ records the resident set size, runs one analysis with the callback's settings, a
 set sizes: a streaming analysis has the same growth at both, one that holds a full-layer matrix grows with
 the number of images, and the bench extrapolates that growth linearly to the callback's default sizes.
 
-    python bench/memory.py [--backbone resnet50] [--size 224] [--layer layer1] [--images 32 64]
+    python bench/memory.py [--backbone resnet50] [--size 224] [--layer layer1] [--images 32 64] [--probe-budget-mib M]
+                            [--probe-batch-size B]
+
+--probe-budget-mib sets probing's `max_feature_bytes` (the callback's is 2 GiB): a layer whose sampled features
+exceed it is streamed, so a budget below the smaller pool's layer matrix measures the streaming path at both sizes.
+A streamed pass holds one batch of activations (--probe-batch-size images, the callback's batch_size): its peak
+grows with the training set only while that is smaller than the batch.
 """
 from __future__ import annotations
 
@@ -37,8 +43,10 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def measure(kind: str, backbone: str, size: int, layer: str, images: int) -> dict:
-    """One analysis in this process: RSS before, peak RSS, and the layer's features per image."""
+def measure(kind: str, backbone: str, size: int, layer: str, images: int, probe_budget: int | None = None,
+            probe_batch_size: int = 64) -> dict:
+    """One analysis in this process: RSS before, peak RSS, and the layer's features per image.
+    probe_budget: probing's max_feature_bytes in place of the callback's; probe_batch_size: its batch_size."""
     import torch
 
     from analysis.layers import capture
@@ -51,14 +59,25 @@ def measure(kind: str, backbone: str, size: int, layer: str, images: int) -> dic
         model.net(torch.zeros(1, 3, size, size))
         features = math.prod(store[layer].shape[1:])
     if kind == "probing":
+        import functools
+
+        import callbacks.probing
+        from analysis.probing import probe
         from callbacks.probing import ProbingCallback
         from torch.utils.data import default_collate
 
         from datamodules.synthfaces import SynthFaces
 
+        if probe_budget is not None:  # the callback calls probe() with its own max_feature_bytes
+            def budgeted(*args, **kwargs):
+                return probe(*args, **{**kwargs, "max_feature_bytes": probe_budget})
+
+            callbacks.probing.probe = functools.wraps(probe)(budgeted)
+
         # the callback's defaults (5 attributes, n_components, top_k, precision) with a smaller balanced sample
         half = images // 2
-        cb = ProbingCallback(layers=[layer], n_train=half - half % 2, n_val=half - half % 2, num_images=4 * images)
+        cb = ProbingCallback(layers=[layer], n_train=half - half % 2, n_val=half - half % 2, num_images=4 * images,
+                           batch_size=probe_batch_size)
         source = SynthFaces(4 * images, split="val", size=size, seed=1)
         batches = [default_collate([source[i] for i in range(lo, min(lo + 64, 4 * images))])
                    for lo in range(0, 4 * images, 64)]
@@ -82,7 +101,7 @@ def child(kind: str, args: argparse.Namespace, images: int) -> dict:
     """`measure` in a fresh interpreter, so ru_maxrss is this analysis's alone."""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import memory; "
             f"print('RESULT', json.dumps(memory.measure({kind!r}, {args.backbone!r}, {args.size}, {args.layer!r}, "
-            f"{images})))")
+            f"{images}, {args.probe_budget}, {args.probe_batch_size})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -100,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="two probe set sizes (probing: balanced training + validation images; dissection: "
                              "dictionary images)")
     parser.add_argument("--kinds", nargs="+", default=["probing", "dissection"], choices=("probing", "dissection"))
+    parser.add_argument("--probe-budget-mib", type=float, default=None,
+                        help="probing's max_feature_bytes in MiB (default: the callback's); layers over it stream")
+    parser.add_argument("--probe-batch-size", type=int, default=64, help="probing's batch_size (the callback's: 64)")
     args = parser.parse_args(argv)
+    if args.probe_batch_size < 1:
+        parser.error(f"--probe-batch-size must be positive, got {args.probe_batch_size}")
+    if args.probe_budget_mib is not None and args.probe_budget_mib <= 0:
+        parser.error(f"--probe-budget-mib must be positive, got {args.probe_budget_mib}")
+    args.probe_budget = None if args.probe_budget_mib is None else int(args.probe_budget_mib * 2**20)
 
     from callbacks.dissection import DissectionCallback
     from callbacks.probing import ProbingCallback
@@ -110,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     # dissection's dictionary
     default_images = {"probing": min(probing.num_images, 5 * (probing.n_train + probing.n_val)),
                       "dissection": dissection.num_images}
-    print(f"{args.backbone} {args.layer} at {args.size} px; load average {os.getloadavg()[0]:.2f}")
+    budget = "callback default" if args.probe_budget is None else f"{args.probe_budget_mib:g} MiB"
+    print(f"{args.backbone} {args.layer} at {args.size} px; probing max_feature_bytes {budget}, batch_size "
+          f"{args.probe_batch_size}; "
+          f"load average {os.getloadavg()[0]:.2f}")
     print("| analysis | images | features / image | RSS before GiB | peak RSS GiB | growth GiB | "
           "growth per image MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
