@@ -947,8 +947,9 @@ def probe(model: nn.Module, layers: Sequence[str], images: Tensor | Iterable[Map
     (seeded by seed + attribute index); features of all sampled images are extracted once per group of
     layers fitting in max_feature_bytes. A layer whose features of the sampled images alone exceed
     max_feature_bytes is streamed (`probe_streamed`): no (images x features) matrix of it is built, its
-    fits re-run the model over batches of images (2 n_components + 2 forward sweeps per attribute), and the
-    result equals the in-memory one.
+    fits re-run the model up to the layer over batches of images (per attribute 2 n_components + 2 sweeps
+    over the training images, 3 more with neuron_ranking='accuracy', and 2 over the validation images), and
+    the result equals the in-memory one.
 
     shard: for several processes, an object with `rank`, `world_size` and `gather(value) -> [value of each
     rank]` (e.g. `callbacks.base.Shard`). Then `images` are only this rank's items rank, rank + world_size, ...

@@ -121,3 +121,30 @@ def test_bad_budget_is_rejected(data):
     model, images, labels, mask = data
     with pytest.raises(ValueError, match="max_feature_bytes"):
         probe(model, ["stem"], images, labels, mask, attributes=ATTRS, n_train=40, n_val=30, max_feature_bytes=0)
+
+
+class _Skip(nn.Module):
+    """A module whose forward never calls its child."""
+
+    def __init__(self):
+        super().__init__()
+        self.child = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return x
+
+
+def test_row_blocks_stop_at_the_layer_and_restore_the_mode(data):
+    model, images, _, _ = data
+    later = []
+    hook = model.head.register_forward_hook(lambda *_: later.append(1))
+    model.train()
+    try:
+        blocks = list(layer_row_blocks(model, "mid", images[:5], batch_size=2).make())
+        assert model.training  # eval during the passes only
+    finally:
+        hook.remove()
+        model.eval()
+    assert [len(b) for b in blocks] == [2, 2, 1] and blocks[0].shape[1] == 125 and not later
+    with pytest.raises(RuntimeError, match="never called layer 'child'"):
+        list(layer_row_blocks(_Skip(), "child", torch.zeros(2, 2)).make())
