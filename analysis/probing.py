@@ -905,7 +905,15 @@ def probe_streamed(model: nn.Module, layer: str, images: Tensor, train: Tensor, 
     ranking = streamed_single_feature_accuracy(blocks(train), y_train) if neuron_ranking == "accuracy" else None
 
     def columns(cols: Tensor) -> tuple[Tensor, Tensor]:
-        return tuple(torch.cat(list(blocks(index, cols).make())) for index in (train, val))
+        out = []
+        for index in (train, val):
+            X = torch.empty(len(index), len(cols), device=device)
+            lo = 0
+            for block in blocks(index, cols).make():
+                X[lo:lo + len(block)] = block
+                lo += len(block)
+            out.append(X)
+        return out[0], out[1]
 
     return _probe_columns(whole, layer_acc, pls.vip_, ranking, columns, y_train, y_val, shape, layer, attribute,
                           n_components, top_k, reg_param, keep)
