@@ -59,25 +59,16 @@ def measure(kind: str, backbone: str, size: int, layer: str, images: int, probe_
         model.net(torch.zeros(1, 3, size, size))
         features = math.prod(store[layer].shape[1:])
     if kind == "probing":
-        import functools
-
-        import callbacks.probing
-        from analysis.probing import probe
         from callbacks.probing import ProbingCallback
         from torch.utils.data import default_collate
 
         from datamodules.synthfaces import SynthFaces
 
-        if probe_budget is not None:  # the callback calls probe() with its own max_feature_bytes
-            def budgeted(*args, **kwargs):
-                return probe(*args, **{**kwargs, "max_feature_bytes": probe_budget})
-
-            callbacks.probing.probe = functools.wraps(probe)(budgeted)
-
         # the callback's defaults (5 attributes, n_components, top_k, precision) with a smaller balanced sample
         half = images // 2
         cb = ProbingCallback(layers=[layer], n_train=half - half % 2, n_val=half - half % 2, num_images=4 * images,
-                           batch_size=probe_batch_size)
+                           batch_size=probe_batch_size,
+                           **({} if probe_budget is None else {"max_feature_mib": probe_budget / 2**20}))
         source = SynthFaces(4 * images, split="val", size=size, seed=1)
         batches = [default_collate([source[i] for i in range(lo, min(lo + 64, 4 * images))])
                    for lo in range(0, 4 * images, 64)]

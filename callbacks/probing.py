@@ -138,8 +138,10 @@ class ProbingCallback(AnalysisCallback):
     The probe pool is the first `num_images` evaluation-prepared images of `split`; each attribute draws a
     balanced sample of `n_train` training and up to `n_val` validation images from it (the same sample at
     every epoch, so curves over training compare like with like). Attributes the pool cannot balance are
-    skipped and listed under `config.skipped` in the JSON. The defaults (8 residual blocks of a resnet18,
-    256 + 256 images, 64 px) take seconds per attribute on CPU.
+    skipped and listed under `config.skipped` in the JSON. A layer whose sampled features exceed
+    `max_feature_mib` is streamed: its PLS passes run over batches of activations recomputed from the images,
+    never one matrix. The defaults (the residual blocks of a resnet18, 128 + 128 images, 64 px) take seconds per
+    attribute on CPU.
 
     Logs scalars `probing/last_layer_acc/<attribute>`, `probing/mean_layer_acc/<layer>`,
     `probing/mean_last_layer_acc`; W&B gets the result table and the Figs 5.1-5.3 accuracy-over-depth plot.
@@ -151,8 +153,10 @@ class ProbingCallback(AnalysisCallback):
     def __init__(self, layers: list[str] | str | None = None, attributes: list[str] | None = None,
                  n_train: int = 128, n_val: int = 128, n_components: int = 8, top_k: int = 8, seed: int = 0,
                  precision: str = "auto", every_n_epochs: int = 3, num_images: int = 512, split: str = "val",
-                 batch_size: int = 64, run_on_last_epoch: bool = True):
+                 batch_size: int = 64, run_on_last_epoch: bool = True, max_feature_mib: float = 2048):
         super().__init__(every_n_epochs, num_images, split, batch_size, run_on_last_epoch)
+        if max_feature_mib <= 0:
+            raise ValueError(f"ProbingCallback.max_feature_mib must be positive, got {max_feature_mib}")
         if n_train < 2 or n_train % 2 or n_val < 2 or n_val % 2:
             raise ValueError(f"ProbingCallback: n_train and n_val must be even and >= 2, got {n_train}, {n_val}")
         if num_images < n_train + n_val:
@@ -162,6 +166,7 @@ class ProbingCallback(AnalysisCallback):
         self.layers, self.attributes = layers, attributes
         self.n_train, self.n_val, self.n_components, self.top_k = n_train, n_val, n_components, top_k
         self.seed, self.precision = seed, precision
+        self.max_feature_bytes = int(max_feature_mib * 2**20)
 
     def analyse(self, model: nn.Module, batches: list[dict], shard: Shard = ONE_PROCESS) -> ProbingResult:
         """Labels of every rank's shard are gathered in probe-set order, so all ranks draw the same balanced
@@ -184,7 +189,8 @@ class ProbingCallback(AnalysisCallback):
         result = probe(probed_network(model), layers, data["image"], data["attributes"], data["attribute_mask"],
                        attributes, self.n_train, self.n_val, self.n_components, self.top_k, seed=self.seed,
                        batch_size=self.batch_size, device=device, keep_probes=False, precision=self.precision,
-                       max_feature_bytes=GATHERED_FEATURE_BYTES if several else 2 << 30,
+                       max_feature_bytes=min(self.max_feature_bytes, GATHERED_FEATURE_BYTES) if several
+                       else self.max_feature_bytes,
                        shard=shard if several else None)
         result.config["skipped"] = skipped
         return result

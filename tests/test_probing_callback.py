@@ -141,3 +141,8 @@ def test_analyze_probe_rejects_bad_names(fitted, tmp_path):
         run_probe(ckpt, tmp_path, "--attributes", "Smiles")
     with pytest.raises(ValueError, match="--ablation layer4.1"):
         run_probe(ckpt, tmp_path, "--ablation", "layer4.1")
+
+
+def test_feature_budget_must_be_positive():
+    with pytest.raises(ValueError, match="max_feature_mib"):
+        ProbingCallback(max_feature_mib=0)
