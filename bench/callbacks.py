@@ -88,23 +88,6 @@ def invocations(every_n_epochs: int, epochs: int, run_on_last_epoch: bool = True
     return sum(1 for e in range(epochs) if (e + 1) % every_n_epochs == 0 or (run_on_last_epoch and e == epochs - 1))
 
 
-def timed(callback: pl.Callback) -> pl.Callback:
-    """Record the whole of each run (analysis, JSON, figures, W&B tables) in `callback.full_seconds`; the
-    `<name>/seconds` scalar the callback logs covers `analyse` alone."""
-    run_now = callback.run_now
-    callback.full_seconds = []
-
-    def run_and_time(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return run_now(*args, **kwargs)
-        finally:
-            callback.full_seconds.append(time.perf_counter() - started)
-
-    callback.run_now = run_and_time
-    return callback
-
-
 def fit(args: argparse.Namespace, callbacks: list[pl.Callback], root: Path) -> float:
     """Fit with W&B logging offline under `root` (the callbacks' figures and tables are part of their cost)."""
     import wandb
@@ -155,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args.backbone = args.backbone or backbone
     args.size = args.size or size
 
-    cbs = [timed(cb) for cb in (class_default_callbacks() if args.class_defaults
-                                else analysis_callbacks(args.snippets))]
+    cbs = class_default_callbacks() if args.class_defaults else analysis_callbacks(args.snippets)
     with tempfile.TemporaryDirectory() as tmp:
         plain = None if args.skip_plain else fit(args, [], Path(tmp) / "plain")
         with_cbs = fit(args, cbs, Path(tmp) / "with")
@@ -172,18 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measured: {args.num_train}-image epochs of {epoch_seconds:.1f} s ({images_per_second:.1f} img/s); "
           f"projected onto {args.run_config.name}: {run_epochs} epochs of {run_images} images, "
           f"{run_epoch_seconds:.0f} s each")
-    print(f"| callback | every_n_epochs | s / run (analysis) | share of measured epoch "
+    print(f"| callback | every_n_epochs | s / run | share of measured epoch "
           f"| share of {args.run_config.stem} epoch "
           f"| runs in {args.run_config.stem} | share of {args.run_config.stem} run |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     total = 0.0
     for cb in cbs:
-        seconds = [r[f"{cb.name}/seconds"] for r in cb.history]
-        per_run = sum(cb.full_seconds) / len(cb.full_seconds)
+        seconds = [r[f"{cb.name}/seconds"] for r in cb.history]  # the whole run: analysis, files, figures, tables
+        per_run = sum(seconds) / len(seconds)
         runs = invocations(cb.every_n_epochs, run_epochs, cb.run_on_last_epoch)
         run_share = runs * per_run / (run_epochs * run_epoch_seconds)
         total += run_share
-        print(f"| {cb.name} | {cb.every_n_epochs} | {per_run:.2f} ({sum(seconds) / len(seconds):.2f}) "
+        print(f"| {cb.name} | {cb.every_n_epochs} | {per_run:.2f} "
               f"| {per_run / epoch_seconds:.1%} "
               f"| {per_run / run_epoch_seconds:.1%} | {runs} | {run_share:.1%} |")
     verdict = "within" if total < BUDGET else "OVER"

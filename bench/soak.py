@@ -69,23 +69,6 @@ class RSSSampler(pl.Callback):
                   flush=True)
 
 
-def timed(callback: pl.Callback) -> pl.Callback:
-    """Record the whole of each analysis run (analysis, JSON, figures, W&B tables) in `callback.full_seconds`;
-    the `<name>/seconds` scalar covers the analysis alone."""
-    run_now = callback.run_now
-    callback.full_seconds = []
-
-    def run_and_time(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return run_now(*args, **kwargs)
-        finally:
-            callback.full_seconds.append(time.perf_counter() - started)
-
-    callback.run_now = run_and_time
-    return callback
-
-
 def analysis_callbacks(size: int) -> list[pl.Callback]:
     """All four analysis callbacks every epoch, with probe sets small enough for a CPU soak."""
     from callbacks.dissection import DissectionCallback
@@ -93,7 +76,7 @@ def analysis_callbacks(size: int) -> list[pl.Callback]:
     from callbacks.probing import ProbingCallback
     from callbacks.saliency import SaliencySanityCallback
 
-    return [timed(cb) for cb in (
+    return [
         GradCamAMRCallback(num_images=32, batch_size=16, every_n_epochs=1),
         ProbingCallback(layers=["layer2", "layer3", "layer4"], attributes=["Male", "Eyeglasses"], n_train=16,
                         n_val=16, num_images=96, n_components=2, top_k=2, batch_size=32, every_n_epochs=1),
@@ -104,7 +87,7 @@ def analysis_callbacks(size: int) -> list[pl.Callback]:
                                every_n_epochs=1, config={"smoothgrad_samples": 2, "hiding_steps": 4,
                                                          "occlusion_window": 32, "occlusion_stride": 16,
                                                          "randomization_images": 1, "randomization_steps": ["fc"]}),
-    )]
+    ]
 
 
 def soak(root: Path, steps: int = 1000, every: int = 100, size: int = 64, batch: int = 4,
@@ -174,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['cpu_seconds']:>8.1f}")
     for cb in callbacks:
         seconds = [r[f"{cb.name}/seconds"] for r in cb.history]
-        print(f"{cb.name}: {len(seconds)} runs, {sum(seconds) / len(seconds):.2f} s analysis and "
-              f"{sum(cb.full_seconds) / len(cb.full_seconds):.2f} s in all per run")
+        print(f"{cb.name}: {len(seconds)} runs, {sum(seconds) / len(seconds):.2f} s per run")
     if len(samples) >= 3:
         print(f"growth from round 3 to round {len(samples)}: {growth(samples) / MIB:+.1f} MiB; "
               f"peak RSS {max(s['rss'] for s in samples) / MIB:.1f} MiB")
