@@ -3,11 +3,10 @@ saliency) running every 100 steps and W&B logging offline; resident memory must 
 
 The bound: RSS after the 10th analysis round may exceed RSS after the 3rd by at most 150 MiB. The first two
 rounds warm the allocator, import plotting and W&B table code and fill caches, so growth is measured from the
-3rd. Measured with bench/soak.py (same settings, 2 CPU cores shared at load average ~6, stopped after 7 of the
-10 rounds): RSS 1114, 1166, 1131, 1125, 1141, 1140, 1127 MiB, i.e. rounds 3 to 7 within -6/+10 MiB of round 3
-while round-to-round noise reaches 50 MiB (round 2). 150 MiB is three times that noise: over the 7 rounds from
-the 3rd to the 10th it catches a leak of about 20 MiB or more per round (e.g. every round's probe images, maps
-or feature matrices kept alive); a leak of a few MiB per round (one unclosed figure) needs a longer soak.
+3rd. Measured with bench/soak.py (same settings, 2 CPU cores): RSS 1122, 1139, 1132, 1150, 1134, 1133, 1140, 1140,
+1140, 1141 MiB, i.e. +8.7 MiB from round 3 to round 10, while round-to-round noise reaches 18 MiB (50 MiB on loaded
+cores). 150 MiB is three times the loaded noise: over the 7 rounds from the 3rd to the 10th it catches a leak of
+about 20 MiB or more per round (e.g. every round's probe images, maps or feature matrices kept alive); a leak of a few MiB per round (one unclosed figure) needs a longer soak.
 """
 import importlib.util
 import time
