@@ -6,7 +6,8 @@ rounds warm the allocator, import plotting and W&B table code and fill caches, s
 3rd. Measured with bench/soak.py (same settings, 2 CPU cores): RSS 1122, 1139, 1132, 1150, 1134, 1133, 1140, 1140,
 1140, 1141 MiB, i.e. +8.7 MiB from round 3 to round 10, while round-to-round noise reaches 18 MiB (50 MiB on loaded
 cores). 150 MiB is three times the loaded noise: over the 7 rounds from the 3rd to the 10th it catches a leak of
-about 20 MiB or more per round (e.g. every round's probe images, maps or feature matrices kept alive); a leak of a few MiB per round (one unclosed figure) needs a longer soak.
+about 20 MiB or more per round (e.g. every round's probe images, maps or feature matrices kept alive); a leak of
+a few MiB per round (one unclosed figure) needs a longer soak.
 """
 import importlib.util
 import time
