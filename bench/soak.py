@@ -99,14 +99,13 @@ def soak(root: Path, steps: int = 1000, every: int = 100, size: int = 64, batch:
     from pytorch_lightning.loggers import WandbLogger
 
     from datamodules.synthfaces import SynthFacesDataModule
+    from facelens.wandb_io import offline_wandb
     from lightning_modules.attribute_module import AttributeModule
 
     if steps % every:
         raise ValueError(f"soak: steps={steps} must be a multiple of every={every} (analysis runs per epoch)")
     root.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")}
-    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true")
-    try:
+    with offline_wandb(root):
         pl.seed_everything(0, verbose=False)
         dm = SynthFacesDataModule(size=size, num_train=every * batch, num_val=128, num_test=16, num_identities=32,
                                   batch_size=batch, num_workers=0, cache=True)
@@ -122,12 +121,6 @@ def soak(root: Path, steps: int = 1000, every: int = 100, size: int = 64, batch:
         if trainer.global_step != steps:
             raise RuntimeError(f"soak: trained {trainer.global_step} steps, expected {steps}")
         wandb.finish()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return sampler.samples, callbacks
 
 

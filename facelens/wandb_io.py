@@ -10,7 +10,8 @@ import socket
 import struct
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,23 @@ def default_offline() -> None:
 
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+
+@contextmanager
+def offline_wandb(directory: str | Path) -> Iterator[None]:
+    """W&B offline and silent, writing under `directory`, for a script or test; the caller's settings come back
+    afterwards (W&B reads them from the environment when a run starts)."""
+    keys = ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(directory), WANDB_SILENT="true")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _has_api_key(base_url: str) -> bool:

@@ -1,7 +1,6 @@
 """A tiny Lightning fit on SynthFaces with an offline W&B logger, shared by the analysis-callback tests."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -11,6 +10,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
 from datamodules.synthfaces import SynthFacesDataModule
+from facelens.wandb_io import offline_wandb
 from lightning_modules.attribute_module import AttributeModule
 
 
@@ -18,9 +18,7 @@ def tiny_fit(tmp: Path, callback: pl.Callback, backbone: str = "resnet18", attri
              **data_options) -> tuple[str, AttributeModule]:
     """One short epoch (2 train batches, 1 val batch) with `callback`; W&B offline under `tmp`.
     Returns the last checkpoint's path and the trained module."""
-    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR")}
-    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(tmp))
-    try:
+    with offline_wandb(tmp):
         torch.manual_seed(0)
         model = AttributeModule(backbone=backbone, attributes=list(attributes))
         options = dict(size=64, num_train=32, num_val=16, num_test=16, num_identities=16, batch_size=16, num_workers=0)
@@ -32,10 +30,4 @@ def tiny_fit(tmp: Path, callback: pl.Callback, backbone: str = "resnet18", attri
                              enable_model_summary=False)
         trainer.fit(model, datamodule=SynthFacesDataModule(**options))
         wandb.finish()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return checkpoint.last_model_path, model

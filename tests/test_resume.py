@@ -72,15 +72,6 @@ class CrashAtEpoch(pl.Callback):
             raise Crash(f"simulated failure at epoch {self.epoch}")
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.chdir(ROOT)
-    yield
-    wandb.finish()
-
-
 def test_latest_last_checkpoint_is_the_newest_file(tmp_path):
     for i, run in enumerate(["b", "a", "c"]):
         path = tmp_path / run / "checkpoints" / "last.ckpt"

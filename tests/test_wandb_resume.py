@@ -55,15 +55,6 @@ def test_merge_refuses_other_runs_and_call_counted_steps():
         merge_runs([])
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.chdir(ROOT)
-    yield
-    finish()
-
-
 def test_logger_skips_steps_the_run_holds_and_keeps_late_logs(tmp_path, offline):
     first = StepAlignedWandbLogger(project="facelens", save_dir=str(tmp_path), id="run1")
     for step in range(6):
