@@ -31,8 +31,13 @@ from torch import nn
 
 from analysis.layers import capture, resolve_layer
 
+try:  # compiled CPU kernels (top-k buffer, tally); without numba the CPU runs the torch paths
+    from analysis import dissection_kernel
+except ImportError:  # pragma: no cover - numba is a declared dependency
+    dissection_kernel = None
+
 QUANTILE_METHODS = ("exact", "sketch")
-TALLY_METHODS = ("auto", "dense", "sparse")
+TALLY_METHODS = ("auto", "dense", "sparse", "compiled")
 IOU_VARIANTS = ("netdissect", "fires_only")
 
 
@@ -46,7 +51,9 @@ class DissectionConfig:
     sketch_min_magnitude: float = 1e-6  # |x| below this counts as 0 in the sketch
     sketch_max_magnitude: float = 1e6  # |x| above this is an error in the sketch
     iou_threshold: float = 0.04  # NetDissect: a unit is interpretable when its best IoU exceeds this
-    tally: str = "auto"  # "dense" (upsample everything, matmul), "sparse" (only cells above threshold), "auto"
+    # "compiled" (CPU, numba: only pixels that fire), "dense" (upsample everything, matmul: GPU),
+    # "sparse" (torch, only cells above threshold), "auto" (compiled on the CPU, dense on a GPU)
+    tally: str = "auto"
     chunk_elements: int = 1 << 24  # bound on upsampled elements held at once (memory knob)
     hnd_iou: str = "netdissect"  # IoU used by HND stages II-III: "netdissect" or "fires_only"
     region_min_iou: float = 0.04  # stage II pairs a unit with a region only above this best IoU
@@ -79,16 +86,21 @@ class DissectionConfig:
 # Pass 1: per-unit top-quantile thresholds
 
 
-def _as_maps(activations: torch.Tensor) -> torch.Tensor:
+def _as_maps(activations: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
     """(B, U, h, w) float32; (B, U) vectors count as 1x1 maps."""
     if activations.ndim == 2:
         activations = activations[:, :, None, None]
     if activations.ndim != 4:
         raise ValueError(f"activations must be (B, U, h, w) or (B, U), got shape {tuple(activations.shape)}")
     activations = activations.float()
-    if not bool(torch.isfinite(activations).all()):
-        raise ValueError("activations contain NaN or inf; dissection thresholds would be meaningless")
+    if check_finite and activations.numel():
+        _require_finite(torch.stack(torch.aminmax(activations)))
     return activations
+
+
+def _require_finite(values: torch.Tensor) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("activations contain NaN or inf; dissection thresholds would be meaningless")
 
 
 def _numpy_linear_position(n: int, p: float) -> tuple[int, int, float]:
@@ -135,6 +147,10 @@ class ExactTopQuantile:
             raise ValueError(f"ExactTopQuantile was sized for num_images={self.num_images} but received more images; "
                              "pass the dictionary size or use quantile_method='sketch'")
         self.seen += b
+        if acts.device.type == "cpu" and dissection_kernel is not None:
+            self.buffer = _as_heap(self.buffer, self.k)
+            dissection_kernel.update_top_values(acts.reshape(b, u, h * w).contiguous().numpy(), self.buffer.numpy())
+            return
         values = torch.cat([self.buffer, acts.transpose(0, 1).reshape(u, -1)], dim=1)
         if values.shape[1] > self.k:
             values = values.topk(self.k, dim=1, sorted=False).values
@@ -154,7 +170,8 @@ class ExactTopQuantile:
             if (other.values_per_image, other.buffer.shape[0]) != (self.values_per_image, self.buffer.shape[0]):
                 raise ValueError("ExactTopQuantile.merge: the shards saw activations of different shapes")
             values = torch.cat([self.buffer, other.buffer.to(self.buffer.device)], dim=1)
-            self.buffer = values.topk(self.k, dim=1, sorted=False).values if values.shape[1] > self.k else values
+            values = values.topk(self.k, dim=1, sorted=False).values if values.shape[1] > self.k else values
+            self.buffer = values.sort(dim=1).values  # ascending rows are min-heaps for the compiled update
         self.seen += other.seen
         if self.seen > self.num_images:
             raise ValueError(f"ExactTopQuantile.merge: the shards hold {self.seen} images, more than "
@@ -169,6 +186,14 @@ class ExactTopQuantile:
         lo, hi, t = _numpy_linear_position(n, 1 - self.quantile)
         top = self.buffer.sort(dim=1, descending=True).values.double().cpu().numpy()
         return _numpy_lerp(top[:, n - 1 - lo], top[:, n - 1 - hi], t)
+
+
+def _as_heap(buffer: torch.Tensor, k: int) -> torch.Tensor:
+    """A (U, k) min-heap per row of the top-k buffer, padded with -inf: the compiled update's layout."""
+    if buffer.shape[1] == k:
+        return buffer
+    pad = buffer.new_full((buffer.shape[0], k - buffer.shape[1]), -math.inf)
+    return torch.cat([pad, buffer.sort(dim=1).values], dim=1).contiguous()
 
 
 class SketchTopQuantile:
@@ -352,7 +377,9 @@ class LayerDissector:
         (default: all True when masks are given), global_labels {group: (B,) int, -1 unknown}."""
         if self.thresholds is None:
             raise ValueError("call compute_thresholds() after pass 1 before update_counts()")
-        acts = _as_maps(activations)
+        acts = _as_maps(activations, check_finite=False)
+        peaks = acts.amax(dim=(2, 3))  # NaN and +inf show here; -inf never fires (pass 1 rejects it)
+        _require_finite(peaks)
         device = acts.device
         b, u, h, w = acts.shape
         if u != len(self.thresholds):
@@ -369,10 +396,10 @@ class LayerDissector:
                         else labelled.to(device=device, dtype=torch.bool))
             if labelled.shape != (b, c):
                 raise ValueError(f"labelled must be (B={b}, C={c}), got {tuple(labelled.shape)}")
-            presence = self._tally(acts, masks, labelled) > 0
+            presence = self._tally(acts, peaks, masks, labelled) > 0
         else:
             presence = torch.zeros(b, c, dtype=torch.bool, device=device)
-        self._max.append(acts.amax(dim=(2, 3)).cpu())
+        self._max.append(peaks.cpu())
         self._presence.append(presence.cpu())
         global_labels = global_labels or {}
         for group, names in self.global_groups.items():
@@ -386,7 +413,8 @@ class LayerDissector:
         self._index.append(idx)
         self._seen += b
 
-    def _tally(self, acts: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    def _tally(self, acts: torch.Tensor, peaks: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor
+               ) -> torch.Tensor:
         """Add one batch to the running counts; returns the labelled mask areas (B, C)."""
         u, c = acts.shape[1], masks.shape[1]
         if not self._counts:
@@ -394,10 +422,16 @@ class LayerDissector:
                             for k in ("intersection", "area_labelled", "mask_area", "mask_area_fires")}
         method = self.config.tally
         if method == "auto":
-            method = "dense" if acts.device.type == "cuda" else "sparse"
-        tally = self._tally_dense if method == "dense" else self._tally_sparse
-        inter, area = tally(acts, masks, labelled)
-        mask_area = mask_areas(masks) * labelled
+            method = "dense" if acts.device.type == "cuda" else "compiled" if dissection_kernel else "sparse"
+        if method == "compiled":
+            if dissection_kernel is None:
+                raise ValueError("DissectionConfig.tally='compiled' needs numba (pip install numba)")
+            inter, area, mask_area = (torch.from_numpy(x).to(acts.device) for x in dissection_kernel.tally(
+                acts.cpu().numpy(), self.thresholds, masks.cpu().numpy(), labelled.cpu().numpy(),
+                fires=(peaks > self._t32).cpu().numpy()))
+        else:
+            inter, area = (self._tally_dense if method == "dense" else self._tally_sparse)(acts, masks, labelled)
+            mask_area = mask_areas(masks) * labelled
         counts = self._counts
         counts["intersection"] += inter
         counts["mask_area"] += mask_area.sum(0)

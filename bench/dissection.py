@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mask-size", type=int, default=112)
     p.add_argument("--quantile", type=float, default=0.005)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--tally", choices=["auto", "dense", "sparse"], default="auto")
+    p.add_argument("--tally", choices=["auto", "compiled", "dense", "sparse"], default="auto")
     p.add_argument("--quantile-method", choices=["exact", "sketch"], default="exact")
     p.add_argument("--chunk-elements", type=int, default=1 << 24,
                    help="upsampled elements per tally step (raise on a GPU)")

@@ -114,7 +114,7 @@ def test_planted_unit_pairs_with_its_concept_and_noise_does_not():
     assert iou[0, 1] < 0.1
 
 
-@pytest.mark.parametrize("tally", ["sparse", "dense"])
+@pytest.mark.parametrize("tally", ["compiled", "sparse", "dense"])
 @pytest.mark.parametrize("fires_only", [False, True])
 def test_iou_matches_numpy_reference(tally, fires_only):
     acts, masks = bench.synthetic_dictionary(20, 24, 6, feature_size=7, mask_size=56, planted=4, seed=3)
@@ -126,6 +126,25 @@ def test_iou_matches_numpy_reference(tally, fires_only):
     np.testing.assert_allclose(t, t_ref, rtol=1e-12)
     np.testing.assert_allclose(iou, iou_ref, atol=1e-6, rtol=0)
     assert iou_ref.max() > 0.1  # the planted units make the comparison non-trivial
+
+
+@pytest.mark.parametrize("feature_size, mask_size, concepts", [
+    (7, 112, 70),  # more concepts than one 62-bit membership word
+    (14, 9, 5),  # masks coarser than the maps
+    (1, 16, 3),  # (B, U) vectors as 1x1 maps
+    (6, 6, 4),  # no resampling
+])
+def test_compiled_tally_matches_reference_across_shapes(feature_size, mask_size, concepts):
+    acts, masks = bench.synthetic_dictionary(12, 10, concepts, feature_size=feature_size, mask_size=mask_size,
+                                             planted=4, seed=5)
+    labelled = torch.rand(12, concepts, generator=torch.Generator().manual_seed(1)) < 0.8
+    cfg = DissectionConfig(tally="compiled")
+    for fires_only in (False, True):
+        _, iou = netdissect_iou(acts, masks, 0.05, labelled=labelled, fires_only=fires_only, config=cfg, batch_size=5)
+        _, iou_ref = bench.reference_netdissect(acts.numpy(), (masks & labelled[:, :, None, None]).numpy(), 0.05,
+                                                labelled.numpy(), fires_only)
+        np.testing.assert_allclose(iou, iou_ref, atol=1e-6, rtol=0)
+        assert iou_ref.max() > 0.02  # non-trivial counts
 
 
 def test_non_integer_upsampling_matches_reference():

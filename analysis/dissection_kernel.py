@@ -1,0 +1,317 @@
+"""Compiled CPU tally for Network Dissection (numba): only the pixels that fire are ever touched.
+
+A bilinear upsample (align_corners=False, edge clamped) is a convex combination of the 4 source
+pixels around each output pixel, so an output pixel can exceed a unit's threshold only inside a
+"cell" with a corner above it. Per (image, unit) pair the kernel skips maps with no source pixel
+above the threshold (most of them, at the top 0.5%), evaluates the upsampled map in float64 only
+inside hot cells, and adds each firing pixel to the concepts that contain it.
+
+Concept membership is read through one 64-bit word per pixel (bit c: concept c is labelled and
+its mask covers the pixel). Each image's distinct words get small ids and a list of their concepts,
+so a firing pixel costs one id lookup, and runs of equal ids along a row are added at once.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from numba import njit
+
+WORD_BITS = 62  # concepts per word; more concepts are tallied in groups
+
+
+@lru_cache(maxsize=32)
+def axis_cells(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cells of a bilinear axis map: output pixels [lo[k], hi[k]) read source pixels max(k-1, 0) and
+    min(k, n_src-1), with weight lam[y] on the second (PIL / torch align_corners=False, edge clamped)."""
+    src = (np.arange(n_out) + 0.5) * (n_src / n_out) - 0.5
+    cell = np.clip(np.floor(src).astype(np.int64) + 1, 0, n_src)
+    lam = np.clip(src - (cell - 1), 0.0, 1.0)
+    lo = np.searchsorted(cell, np.arange(n_src + 1), side="left")
+    hi = np.searchsorted(cell, np.arange(n_src + 1), side="right")
+    return lo.astype(np.int64), hi.astype(np.int64), lam
+
+
+@njit(cache=True, nogil=True)
+def update_top_values(maps, heaps):
+    """Fold maps (B, U, P) float32 into heaps (U, k) float32, per unit a min-heap of the k largest
+    values seen (-inf where empty). A map whose values all stay at or below the heap's root is
+    skipped after one vectorised pass, which is nearly every map once the heaps fill."""
+    b_n, u_n, p_n = maps.shape
+    k = heaps.shape[1]
+    for b in range(b_n):
+        for u in range(u_n):
+            heap = heaps[u]
+            values = maps[b, u]
+            floor = heap[0]
+            above = 0
+            for q in range(p_n):
+                above += values[q] > floor
+            if above == 0:
+                continue
+            for q in range(p_n):
+                v = values[q]
+                if not v > heap[0]:
+                    continue
+                heap[0] = v  # replace the smallest, then sift it down
+                i = 0
+                while True:
+                    child = 2 * i + 1
+                    if child >= k:
+                        break
+                    if child + 1 < k and heap[child + 1] < heap[child]:
+                        child += 1
+                    if heap[child] >= heap[i]:
+                        break
+                    heap[i], heap[child] = heap[child], heap[i]
+                    i = child
+
+
+@njit(cache=True, nogil=True)
+def _pixel_ids(masks, labelled, first, count, p_n, width):
+    """Concept membership of every pixel, compacted: ids (B, P) int32 of each pixel's word (bit j set
+    where concept first + j is labelled and covers the pixel), run_end (B, P) int32 (the column where
+    the run of equal ids through the pixel ends in its row), and each id's concepts as CSR (start
+    (K + 1,), concept (E,)), image (K,) and pixel count (K,). Ids are unique per image and word across
+    the batch; words are looked up in an open-addressing hash only where they change.
+
+    `masks` (B, C, ceil(P / 8)) uint64 holds the 0/1 mask bytes 8 pixels at a time, so shifting a
+    whole uint64 by j < 8 moves 8 pixels' bits into place at once (one byte plane per 8 concepts)."""
+    b_n = masks.shape[0]
+    size = 1
+    while size < 2 * p_n:
+        size *= 2
+    shift = np.uint64(64 - int(np.log2(size)))
+    keys = np.zeros(size, np.int64)
+    vals = np.zeros(size, np.int32)
+    stamp = np.zeros(size, np.int32)
+    ids = np.empty((b_n, p_n), np.int32)
+    run_end = np.empty((b_n, p_n), np.int32)
+    distinct = np.empty(b_n * p_n, np.int64)
+    image = np.empty(b_n * p_n, np.int32)
+    pixels = np.zeros(b_n * p_n, np.int64)
+    chunk = 256  # uint64 words of 8 pixels: 2048 pixels per step, small enough to stay in L1
+    groups = (count + 7) // 8
+    planes = np.empty((groups, chunk), np.uint64)
+    words = np.empty(8 * chunk, np.int64)
+    n_ids = 0
+    for b in range(b_n):
+        last_word = np.int64(-1)
+        last_id, run_start = -1, 0
+        for c0 in range(0, masks.shape[2], chunk):
+            n8 = min(chunk, masks.shape[2] - c0)
+            planes[:, :n8] = 0
+            for j in range(count):
+                if labelled[b, first + j]:
+                    src = masks[b, first + j, c0:c0 + n8]
+                    plane = planes[j >> 3]
+                    s = np.uint64(j & 7)
+                    for x in range(n8):
+                        plane[x] |= src[x] << s
+            n = min(8 * n8, p_n - 8 * c0)
+            words[:n] = 0
+            for g in range(groups):
+                byte = planes[g].view(np.uint8)
+                s = np.int64(8 * g)
+                for x in range(n):
+                    words[x] |= np.int64(byte[x]) << s
+            p0 = 8 * c0
+            for x in range(n):
+                w = words[x]
+                if w != last_word:
+                    if last_id >= 0:
+                        pixels[last_id] += p0 + x - run_start
+                    run_start = p0 + x
+                    slot = np.int64((np.uint64(w) * np.uint64(0x9E3779B97F4A7C15)) >> shift)
+                    while stamp[slot] == b + 1 and keys[slot] != w:
+                        slot = (slot + 1) & (size - 1)
+                    if stamp[slot] != b + 1:
+                        stamp[slot] = b + 1
+                        keys[slot] = w
+                        vals[slot] = n_ids
+                        distinct[n_ids] = w
+                        image[n_ids] = b
+                        n_ids += 1
+                    last_word = w
+                    last_id = vals[slot]
+                ids[b, p0 + x] = last_id
+        pixels[last_id] += p_n - run_start
+        for r0 in range(0, p_n, width):
+            end = width
+            for x in range(width - 1, -1, -1):
+                if x < width - 1 and ids[b, r0 + x] != ids[b, r0 + x + 1]:
+                    end = x + 1
+                run_end[b, r0 + x] = end
+    start = np.zeros(n_ids + 1, np.int64)
+    for k in range(n_ids):
+        w = distinct[k]
+        c = 0
+        while w != 0:
+            c += w & 1
+            w >>= 1
+        start[k + 1] = start[k] + c
+    concept = np.empty(start[n_ids], np.int64)
+    for k in range(n_ids):
+        w = distinct[k]
+        j = 0
+        e = start[k]
+        while w != 0:
+            if w & 1:
+                concept[e] = j
+                e += 1
+            w >>= 1
+            j += 1
+    return ids, run_end, start, concept, image[:n_ids], pixels[:n_ids]
+
+
+@njit(cache=True, nogil=True)
+def _firing_pairs(maps, below):
+    """(B, U) bool: the unit's map has a source pixel above its threshold (`below`, float32: see
+    `_tally_pairs`); no other pair can fire after upsampling."""
+    b_n, u_n, hw = maps.shape
+    fires = np.zeros((b_n, u_n), np.bool_)
+    for b in range(b_n):
+        for u in range(u_n):
+            values = maps[b, u]
+            floor = below[u]
+            above = 0
+            for k in range(hw):
+                above += values[k] > floor
+            fires[b, u] = above > 0
+    return fires
+
+
+@njit(cache=True, nogil=True)
+def _add_pixels(inter, unit, first, start, concept, ids, run_end, base, x0, x1):
+    """Add row pixels [x0, x1) (offset `base` into the image) to the unit's counts, one run of equal
+    concept ids at a time."""
+    x = x0
+    while x < x1:
+        end = min(run_end[base + x], x1)
+        word_id = ids[base + x]
+        for e in range(start[word_id], start[word_id + 1]):
+            inter[unit, first + concept[e]] += end - x
+        x = end
+
+
+@njit(cache=True, nogil=True)
+def _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, x_scale, ids, run_end, start, concept,
+                 first, inter, area):
+    """Add every firing pixel of every (image, unit) pair in `fires` to inter (U, C) and area (B, U).
+
+    Per output row, the source rows interpolated to it give a piecewise-linear profile over the
+    source columns; within each column cell the profile is monotone, so the pixels above the
+    threshold are a prefix or a suffix of the cell: the crossing is estimated, then settled with
+    the exact per-pixel comparison. Adjacent pieces merge into one interval per row."""
+    b_n, u_n, h, w = acts.shape
+    width = x_lam.shape[0]
+    inv_scale = 1.0 / x_scale
+    row_hot = np.zeros(h, np.bool_)
+    profile = np.empty(w, np.float64)
+    for b in range(b_n):
+        image_ids, image_ends = ids[b], run_end[b]
+        for u in range(u_n):
+            if not fires[b, u]:
+                continue
+            t = thresholds[u]
+            a = acts[b, u]
+            i_min, i_max, j_min, j_max = h, -1, w, -1
+            for i in range(h):
+                any_hot = False
+                for j in range(w):
+                    if a[i, j] > t:
+                        any_hot = True
+                        j_min, j_max = min(j_min, j), max(j_max, j)
+                row_hot[i] = any_hot
+                if any_hot:
+                    i_min, i_max = min(i_min, i), max(i_max, i)
+            c_lo, c_hi = max(j_min - 1, 0), min(j_max + 1, w - 1)  # the columns the hot cells read
+            n = 0
+            for ky in range(i_min, i_max + 2):  # the row cells around the hot source rows
+                ra, rb = max(ky - 1, 0), min(ky, h - 1)
+                if not (row_hot[ra] or row_hot[rb]):
+                    continue
+                for y in range(y_lo[ky], y_hi[ky]):
+                    lam = y_lam[y]
+                    top = -np.inf
+                    for j in range(c_lo, c_hi + 1):
+                        profile[j] = (1.0 - lam) * a[ra, j] + lam * a[rb, j]
+                        top = max(top, profile[j])
+                    if top <= t:
+                        continue
+                    base = y * width
+                    seg0, seg1 = 0, 0
+                    for kx in range(j_min, j_max + 2):
+                        left, right = profile[max(kx - 1, 0)], profile[min(kx, w - 1)]
+                        if left <= t and right <= t:
+                            continue
+                        lo, hi = x_lo[kx], x_hi[kx]
+                        if left == right:
+                            x0, x1 = lo, hi
+                        else:
+                            cross = (t - left) / (right - left)  # the weight at which the profile meets t
+                            edge = min(max(int((cross + kx - 0.5) * inv_scale - 0.5), lo), hi)
+                            if right > left:
+                                while edge > lo and (1.0 - x_lam[edge - 1]) * left + x_lam[edge - 1] * right > t:
+                                    edge -= 1
+                                while edge < hi and not (1.0 - x_lam[edge]) * left + x_lam[edge] * right > t:
+                                    edge += 1
+                                x0, x1 = edge, hi
+                            else:
+                                while edge > lo and not (1.0 - x_lam[edge - 1]) * left + x_lam[edge - 1] * right > t:
+                                    edge -= 1
+                                while edge < hi and (1.0 - x_lam[edge]) * left + x_lam[edge] * right > t:
+                                    edge += 1
+                                x0, x1 = lo, edge
+                        if x1 <= x0:
+                            continue
+                        if x0 == seg1:
+                            seg1 = x1
+                        else:
+                            _add_pixels(inter, u, first, start, concept, image_ids, image_ends, base, seg0, seg1)
+                            n += seg1 - seg0
+                            seg0, seg1 = x0, x1
+                    _add_pixels(inter, u, first, start, concept, image_ids, image_ends, base, seg0, seg1)
+                    n += seg1 - seg0
+            area[b, u] = n
+
+
+def tally(acts: np.ndarray, thresholds: np.ndarray, masks: np.ndarray, labelled: np.ndarray,
+          fires: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intersections (U, C), firing areas (B, U) and labelled mask areas (B, C), int64, of acts
+    (B, U, h, w) float32 thresholded at `thresholds` (U,) float64 after bilinear upsampling to the
+    size of `masks` (B, C, H, W) bool, counting a concept only where `labelled` (B, C) is set.
+    `fires` (B, U) bool, when the caller has the maps' maxima: which maps exceed their threshold."""
+    acts = np.ascontiguousarray(acts, dtype=np.float32)
+    b, u, h, w = acts.shape
+    _, c, hm, wm = masks.shape
+    flat = np.ascontiguousarray(masks, dtype=np.bool_).reshape(b, c, hm * wm)
+    if (hm * wm) % 8:
+        flat = np.concatenate([flat, np.zeros((b, c, -(hm * wm) % 8), np.bool_)], axis=2)
+    flat = flat.view(np.uint64)
+    labelled = np.ascontiguousarray(labelled, dtype=np.bool_)
+    thresholds = np.ascontiguousarray(thresholds, dtype=np.float64)
+    if fires is None:
+        below = thresholds.astype(np.float32)  # the largest float32 <= each threshold: x > below iff x > threshold
+        below = np.where(below > thresholds, np.nextafter(below, np.float32(-np.inf)), below)
+        fires = _firing_pairs(acts.reshape(b, u, h * w), below)
+    fires = np.ascontiguousarray(fires, dtype=np.bool_)
+    y_lo, y_hi, y_lam = axis_cells(h, hm)
+    x_lo, x_hi, x_lam = axis_cells(w, wm)
+    inter = np.zeros((u, c), np.int64)
+    area = np.zeros((b, u), np.int64)
+    mask_area = np.zeros((b, c), np.int64)
+    for first in range(0, max(c, 1), WORD_BITS):
+        count = min(WORD_BITS, c - first)
+        ids, run_end, start, concept, image, pixels = _pixel_ids(flat, labelled, first, count, hm * wm, wm)
+        _mask_areas(start, concept, image, pixels, first, mask_area)
+        _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, w / wm, ids, run_end, start,
+                     concept, first, inter, area if first == 0 else np.zeros((b, u), np.int64))
+    return inter, area, mask_area
+
+
+@njit(cache=True, nogil=True)
+def _mask_areas(start, concept, image, pixels, first, out):
+    for k in range(len(image)):
+        for e in range(start[k], start[k + 1]):
+            out[image[k], first + concept[e]] += pixels[k]
