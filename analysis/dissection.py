@@ -98,9 +98,12 @@ def _as_maps(activations: torch.Tensor, check_finite: bool = True) -> torch.Tens
     return activations
 
 
+NOT_FINITE = "activations contain NaN or inf; dissection thresholds would be meaningless"
+
+
 def _require_finite(values: torch.Tensor) -> None:
     if not bool(torch.isfinite(values).all()):
-        raise ValueError("activations contain NaN or inf; dissection thresholds would be meaningless")
+        raise ValueError(NOT_FINITE)
 
 
 def _numpy_linear_position(n: int, p: float) -> tuple[int, int, float]:
@@ -134,7 +137,8 @@ class ExactTopQuantile:
         self.k = 0
 
     def update(self, activations: torch.Tensor) -> None:
-        acts = _as_maps(activations)
+        compiled = activations.device.type == "cpu" and dissection_kernel is not None
+        acts = _as_maps(activations, check_finite=not compiled)  # the compiled update checks as it reads
         b, u, h, w = acts.shape
         if self.buffer is None:
             self.values_per_image = h * w
@@ -147,9 +151,11 @@ class ExactTopQuantile:
             raise ValueError(f"ExactTopQuantile was sized for num_images={self.num_images} but received more images; "
                              "pass the dictionary size or use quantile_method='sketch'")
         self.seen += b
-        if acts.device.type == "cpu" and dissection_kernel is not None:
+        if compiled:
             self.buffer = _as_heap(self.buffer, self.k)
-            dissection_kernel.update_top_values(acts.reshape(b, u, h * w).contiguous().numpy(), self.buffer.numpy())
+            maps = acts.reshape(b, u, h * w).contiguous().numpy()
+            if dissection_kernel.update_top_values(maps, self.buffer.numpy()):
+                raise ValueError(NOT_FINITE)
             return
         values = torch.cat([self.buffer, acts.transpose(0, 1).reshape(u, -1)], dim=1)
         if values.shape[1] > self.k:

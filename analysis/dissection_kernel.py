@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 WORD_BITS = 62  # concepts per word; more concepts are tallied in groups
+SORTED_TOP_K = 64  # top-k buffers up to this size are kept sorted, larger ones as binary heaps
 
 
 @lru_cache(maxsize=32)
@@ -35,10 +36,12 @@ def axis_cells(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 @njit(cache=True, nogil=True)
 def update_top_values(maps, heaps):
     """Fold maps (B, U, P) float32 into heaps (U, k) float32, per unit a min-heap of the k largest
-    values seen (-inf where empty). A map whose values all stay at or below the heap's root is
-    skipped after one vectorised pass, which is nearly every map once the heaps fill."""
+    values seen (-inf where empty; an ascending row is a valid heap). A map whose values all stay at
+    or below the heap's root is skipped after one vectorised pass, which is nearly every map once
+    the heaps fill. Returns the number of values that are NaN or infinite (the caller raises)."""
     b_n, u_n, p_n = maps.shape
     k = heaps.shape[1]
+    not_finite = 0
     for b in range(b_n):
         for u in range(u_n):
             heap = heaps[u]
@@ -46,12 +49,21 @@ def update_top_values(maps, heaps):
             floor = heap[0]
             above = 0
             for q in range(p_n):
-                above += values[q] > floor
+                v = values[q]
+                above += v > floor
+                not_finite += (v - v) != 0  # NaN or +-inf
             if above == 0:
                 continue
             for q in range(p_n):
                 v = values[q]
                 if not v > heap[0]:
+                    continue
+                if k <= SORTED_TOP_K:  # small k: keep the row sorted (a sorted row is also a min-heap)
+                    i = 0
+                    while i + 1 < k and heap[i + 1] < v:
+                        heap[i] = heap[i + 1]
+                        i += 1
+                    heap[i] = v
                     continue
                 heap[0] = v  # replace the smallest, then sift it down
                 i = 0
@@ -65,6 +77,14 @@ def update_top_values(maps, heaps):
                         break
                     heap[i], heap[child] = heap[child], heap[i]
                     i = child
+    return not_finite
+
+
+@njit(cache=True, nogil=True)
+def _or_shifted(plane, src, shift):
+    """plane[:n] |= src << shift (a loop of its own, so that it vectorises)."""
+    for x in range(src.shape[0]):
+        plane[x] |= src[x] << shift
 
 
 @njit(cache=True, nogil=True)
@@ -103,11 +123,7 @@ def _pixel_ids(masks, labelled, first, count, p_n, width):
             planes[:, :n8] = 0
             for j in range(count):
                 if labelled[b, first + j]:
-                    src = masks[b, first + j, c0:c0 + n8]
-                    plane = planes[j >> 3]
-                    s = np.uint64(j & 7)
-                    for x in range(n8):
-                        plane[x] |= src[x] << s
+                    _or_shifted(planes[j >> 3], masks[b, first + j, c0:c0 + n8], np.uint64(j & 7))
             n = min(8 * n8, p_n - 8 * c0)
             words[:n] = 0
             for g in range(groups):

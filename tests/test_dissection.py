@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,23 @@ def test_bad_input_is_reported():
         d.update_counts(torch.rand(2, 3, 4, 4), torch.zeros(2, 3, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="unknown layer"):
         dissect(TinyNet(), [], ["nope"], ["a"], ["r"], num_images=1, progress=False)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("method", ["exact", "sketch"])
+def test_non_finite_activations_are_rejected_in_pass_1(bad, method):
+    acts = torch.rand(4, 3, 5, 5)
+    acts[2, 1, 3, 0] = bad
+    diss = LayerDissector(["a"], ["eyes"], config=DissectionConfig(quantile_method=method), num_images=4)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        diss.update_quantiles(acts)
+
+
+def test_non_finite_activations_are_rejected_in_pass_2():
+    acts = torch.rand(4, 3, 5, 5)
+    diss = LayerDissector(["a"], ["eyes"], num_images=4)
+    diss.update_quantiles(acts)
+    diss.compute_thresholds()
+    acts[1, 2, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        diss.update_counts(acts, torch.ones(4, 1, 10, 10, dtype=torch.bool))
