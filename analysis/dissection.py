@@ -8,7 +8,9 @@ time on the CPU. Here a dictionary is streamed twice instead, in batches and on 
   relative error (`SketchTopQuantile`);
 * pass 2 upsamples activation maps bilinearly to mask resolution, thresholds them and keeps
   running integer counts per unit and concept (intersections, activation areas, mask areas),
-  plus each image's per-unit maximum for the rank-based HND stages.
+  plus each image's per-unit maximum for the rank-based HND stages. On a GPU one batched matmul
+  does it ("dense"); on the CPU a compiled kernel (`analysis/dissection_kernel.py`) evaluates the
+  upsampled maps only where they can exceed the threshold and touches only the pixels that fire.
 
 IoU follows NetDissect: sum over images of |A & M| / sum over images of |A | M|, counted over
 images where the concept is labelled. The HND variant ("fires_only") sums the union only over

@@ -247,8 +247,22 @@ def _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, 
                 ra, rb = max(ky - 1, 0), min(ky, h - 1)
                 if not (row_hot[ra] or row_hot[rb]):
                     continue
+                # column j's profile is linear in the row weight lam, so the rows that can fire are
+                # those with lam below `falling` or above `rising` (a margin absorbs rounding)
+                falling, rising = -1.0, 2.0
+                for j in range(c_lo, c_hi + 1):
+                    p0, p1 = a[ra, j], a[rb, j]
+                    if p0 > t and p1 > t:
+                        falling = 2.0
+                    elif p0 > t:
+                        falling = max(falling, (p0 - t) / (p0 - p1))
+                    elif p1 > t:
+                        rising = min(rising, (t - p0) / (p1 - p0))
+                falling, rising = falling + 1e-9, rising - 1e-9
                 for y in range(y_lo[ky], y_hi[ky]):
                     lam = y_lam[y]
+                    if falling <= lam <= rising:
+                        continue
                     top = -np.inf
                     for j in range(c_lo, c_hi + 1):
                         profile[j] = (1.0 - lam) * a[ra, j] + lam * a[rb, j]
@@ -262,11 +276,11 @@ def _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, 
                         if left <= t and right <= t:
                             continue
                         lo, hi = x_lo[kx], x_hi[kx]
-                        if left == right:
+                        if (left > t and right > t) or left == right:
                             x0, x1 = lo, hi
                         else:
                             cross = (t - left) / (right - left)  # the weight at which the profile meets t
-                            edge = min(max(int((cross + kx - 0.5) * inv_scale - 0.5), lo), hi)
+                            edge = min(max(int((cross + kx - 0.5) * inv_scale + 0.5), lo), hi)  # first past it
                             if right > left:
                                 while edge > lo and (1.0 - x_lam[edge - 1]) * left + x_lam[edge - 1] * right > t:
                                     edge -= 1
