@@ -58,6 +58,16 @@ def test_exact_thresholds_equal_numpy(q):
     np.testing.assert_allclose(est.thresholds(), numpy_thresholds(acts, q), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("q", [0.01, 0.5])  # small k: sorted buffers; large k: heaps
+def test_exact_thresholds_stay_exact_when_updated_after_a_merge(q):
+    acts = np.random.default_rng(2).standard_normal((30, 4, 6, 6)).astype(np.float32)
+    first, second = ExactTopQuantile(30, q), ExactTopQuantile(30, q)
+    first.update(torch.from_numpy(acts[:10]))
+    second.update(torch.from_numpy(acts[10:20]))
+    first.merge(second).update(torch.from_numpy(acts[20:]))
+    np.testing.assert_allclose(first.thresholds(), numpy_thresholds(acts, q), rtol=1e-12, atol=0)
+
+
 def test_exact_thresholds_refuse_more_images_than_declared():
     est = ExactTopQuantile(num_images=4)
     est.update(torch.ones(4, 2, 3, 3))
@@ -333,3 +343,12 @@ def test_non_finite_activations_are_rejected_in_pass_2():
     acts[1, 2, 0, 0] = math.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         diss.update_counts(acts, torch.ones(4, 1, 10, 10, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+def test_gpu_dense_tally_equals_cpu_compiled_tally():
+    acts, masks = bench.synthetic_dictionary(40, 64, 12, feature_size=7, mask_size=112, planted=8, seed=6)
+    t_cpu, iou_cpu = netdissect_iou(acts, masks, 0.01, config=DissectionConfig(tally="compiled"))
+    t_gpu, iou_gpu = netdissect_iou(acts.cuda(), masks.cuda(), 0.01, config=DissectionConfig(tally="dense"))
+    np.testing.assert_array_equal(t_gpu, t_cpu)
+    np.testing.assert_allclose(iou_gpu, iou_cpu, atol=1e-6, rtol=0)
