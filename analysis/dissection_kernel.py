@@ -88,6 +88,13 @@ def _or_shifted(plane, src, shift):
 
 
 @njit(cache=True, nogil=True)
+def _grown(values, capacity):
+    out = np.empty(capacity, values.dtype)
+    out[:len(values)] = values
+    return out
+
+
+@njit(cache=True, nogil=True)
 def _pixel_ids(masks, labelled, first, count, p_n, width):
     """Concept membership of every pixel, compacted: ids (B, P) int32 of each pixel's word (bit j set
     where concept first + j is labelled and covers the pixel), run_end (B, P) int32 (the column where
@@ -107,15 +114,19 @@ def _pixel_ids(masks, labelled, first, count, p_n, width):
     stamp = np.zeros(size, np.int32)
     ids = np.empty((b_n, p_n), np.int32)
     run_end = np.empty((b_n, p_n), np.int32)
-    distinct = np.empty(b_n * p_n, np.int64)
-    image = np.empty(b_n * p_n, np.int32)
-    pixels = np.zeros(b_n * p_n, np.int64)
+    capacity = 4096  # distinct words seen so far; grows when an image could overflow it
+    distinct = np.empty(capacity, np.int64)
+    image = np.empty(capacity, np.int32)
+    pixels = np.empty(capacity, np.int64)
     chunk = 256  # uint64 words of 8 pixels: 2048 pixels per step, small enough to stay in L1
     groups = (count + 7) // 8
     planes = np.empty((groups, chunk), np.uint64)
     words = np.empty(8 * chunk, np.int64)
     n_ids = 0
     for b in range(b_n):
+        if n_ids + p_n > capacity:
+            capacity = max(2 * capacity, n_ids + p_n)
+            distinct, image, pixels = _grown(distinct, capacity), _grown(image, capacity), _grown(pixels, capacity)
         last_word = np.int64(-1)
         last_id, run_start = -1, 0
         for c0 in range(0, masks.shape[2], chunk):
@@ -147,6 +158,7 @@ def _pixel_ids(masks, labelled, first, count, p_n, width):
                         vals[slot] = n_ids
                         distinct[n_ids] = w
                         image[n_ids] = b
+                        pixels[n_ids] = 0
                         n_ids += 1
                     last_word = w
                     last_id = vals[slot]

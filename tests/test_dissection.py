@@ -158,6 +158,15 @@ def test_compiled_tally_matches_reference_across_shapes(feature_size, mask_size,
         assert iou_ref.max() > 0.02  # non-trivial counts
 
 
+def test_compiled_tally_with_a_distinct_concept_set_at_almost_every_pixel():
+    rng = np.random.default_rng(0)
+    acts = rng.random((6, 5, 7, 7)).astype(np.float32)
+    masks = rng.random((6, 30, 100, 100)) < 0.5  # ~60,000 distinct concept sets: the id tables must grow
+    _, iou = netdissect_iou(acts, masks, 0.05, config=DissectionConfig(tally="compiled"), batch_size=6)
+    _, iou_ref = bench.reference_netdissect(acts, masks, 0.05)
+    np.testing.assert_allclose(iou, iou_ref, atol=1e-6, rtol=0)
+
+
 def test_non_integer_upsampling_matches_reference():
     acts, masks = bench.synthetic_dictionary(10, 16, 4, feature_size=5, mask_size=23, planted=4, seed=4)
     t, iou = netdissect_iou(acts, masks, 0.03)
