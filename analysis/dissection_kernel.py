@@ -33,7 +33,7 @@ def axis_cells(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return lo.astype(np.int64), hi.astype(np.int64), lam
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def update_top_values(maps, heaps):
     """Fold maps (B, U, P) float32 into heaps (U, k) float32, per unit a min-heap of the k largest
     values seen (-inf where empty; an ascending row is a valid heap). A map whose values all stay at
@@ -80,21 +80,21 @@ def update_top_values(maps, heaps):
     return not_finite
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _or_shifted(plane, src, shift):
     """plane[:n] |= src << shift (a loop of its own, so that it vectorises)."""
     for x in range(src.shape[0]):
         plane[x] |= src[x] << shift
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _grown(values, capacity):
     out = np.empty(capacity, values.dtype)
     out[:len(values)] = values
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _pixel_ids(masks, labelled, first, count, p_n, width):
     """Concept membership of every pixel, compacted: ids (B, P) int32 of each pixel's word (bit j set
     where concept first + j is labelled and covers the pixel), run_end (B, P) int32 (the column where
@@ -192,7 +192,7 @@ def _pixel_ids(masks, labelled, first, count, p_n, width):
     return ids, run_end, start, concept, image[:n_ids], pixels[:n_ids]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _firing_pairs(maps, below):
     """(B, U) bool: the unit's map has a source pixel above its threshold (`below`, float32: see
     `_tally_pairs`); no other pair can fire after upsampling."""
@@ -209,7 +209,7 @@ def _firing_pairs(maps, below):
     return fires
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _add_pixels(inter, unit, first, start, concept, ids, run_end, base, x0, x1):
     """Add row pixels [x0, x1) (offset `base` into the image) to the unit's counts, one run of equal
     concept ids at a time."""
@@ -222,7 +222,7 @@ def _add_pixels(inter, unit, first, start, concept, ids, run_end, base, x0, x1):
         x = end
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, x_scale, ids, run_end, start, concept,
                  first, inter, area):
     """Add every firing pixel of every (image, unit) pair in `fires` to inter (U, C) and area (B, U).
@@ -352,7 +352,7 @@ def tally(acts: np.ndarray, thresholds: np.ndarray, masks: np.ndarray, labelled:
     return inter, area, mask_area
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _mask_areas(start, concept, image, pixels, first, out):
     for k in range(len(image)):
         for e in range(start[k], start[k + 1]):
