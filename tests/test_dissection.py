@@ -361,3 +361,16 @@ def test_gpu_dense_tally_equals_cpu_compiled_tally():
     t_gpu, iou_gpu = netdissect_iou(acts.cuda(), masks.cuda(), 0.01, config=DissectionConfig(tally="dense"))
     np.testing.assert_array_equal(t_gpu, t_cpu)
     np.testing.assert_allclose(iou_gpu, iou_cpu, atol=1e-6, rtol=0)
+
+
+def test_without_numba_the_cpu_falls_back_to_the_torch_tally(monkeypatch):
+    import analysis.dissection as dissection_module
+
+    monkeypatch.setattr(dissection_module, "dissection_kernel", None)
+    acts, masks = bench.synthetic_dictionary(12, 10, 5, feature_size=7, mask_size=28, planted=4, seed=8)
+    t, iou = netdissect_iou(acts, masks, 0.05)  # auto: sparse on the CPU, torch top-k buffer
+    t_ref, iou_ref = bench.reference_netdissect(acts.numpy(), masks.numpy(), 0.05)
+    np.testing.assert_allclose(t, t_ref, rtol=1e-12)
+    np.testing.assert_allclose(iou, iou_ref, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="needs numba"):
+        netdissect_iou(acts, masks, 0.05, config=DissectionConfig(tally="compiled"))
