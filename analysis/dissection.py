@@ -134,6 +134,9 @@ class ExactTopQuantile:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         self.num_images, self.quantile = int(num_images), float(quantile)
         self.buffer: torch.Tensor | None = None
+        self._layout: str | None = None  # the compiled update's layout of `buffer` ("sorted" / "buffered")
+        self._fill: np.ndarray | None = None  # "buffered": values per unit and the floor they must exceed
+        self._floor: np.ndarray | None = None
         self.values_per_image = 0
         self.seen = 0
         self.k = 0
@@ -154,11 +157,21 @@ class ExactTopQuantile:
                              "pass the dictionary size or use quantile_method='sketch'")
         self.seen += b
         if compiled:
-            self.buffer = _as_heap(self.buffer, self.k)
             maps = acts.reshape(b, u, h * w).contiguous().numpy()
-            if dissection_kernel.update_top_values(maps, self.buffer.numpy()):
+            if self.k <= dissection_kernel.SORTED_TOP_K:
+                if self._layout != "sorted":
+                    self.buffer, self._layout = _sorted_rows(self.buffer, self.k), "sorted"
+                not_finite = dissection_kernel.update_top_sorted(maps, self.buffer.numpy())
+            else:
+                if self._layout != "buffered":
+                    self.buffer, self._fill, self._floor = _append_buffer(self.buffer, self.k)
+                    self._layout = "buffered"
+                not_finite = dissection_kernel.update_top_buffered(maps, self.buffer.numpy(), self._fill,
+                                                                   self._floor, self.k)
+            if not_finite:
                 raise ValueError(NOT_FINITE)
             return
+        self._layout = None
         values = torch.cat([self.buffer, acts.transpose(0, 1).reshape(u, -1)], dim=1)
         if values.shape[1] > self.k:
             values = values.topk(self.k, dim=1, sorted=False).values
@@ -178,8 +191,8 @@ class ExactTopQuantile:
             if (other.values_per_image, other.buffer.shape[0]) != (self.values_per_image, self.buffer.shape[0]):
                 raise ValueError("ExactTopQuantile.merge: the shards saw activations of different shapes")
             values = torch.cat([self.buffer, other.buffer.to(self.buffer.device)], dim=1)
-            values = values.topk(self.k, dim=1, sorted=False).values if values.shape[1] > self.k else values
-            self.buffer = values.sort(dim=1).values  # ascending rows are min-heaps for the compiled update
+            self.buffer = values.topk(self.k, dim=1, sorted=False).values if values.shape[1] > self.k else values
+            self._layout = None
         self.seen += other.seen
         if self.seen > self.num_images:
             raise ValueError(f"ExactTopQuantile.merge: the shards hold {self.seen} images, more than "
@@ -196,12 +209,25 @@ class ExactTopQuantile:
         return _numpy_lerp(top[:, n - 1 - lo], top[:, n - 1 - hi], t)
 
 
-def _as_heap(buffer: torch.Tensor, k: int) -> torch.Tensor:
-    """A (U, k) min-heap per row of the top-k buffer, padded with -inf: the compiled update's layout."""
-    if buffer.shape[1] == k:
-        return buffer
-    pad = buffer.new_full((buffer.shape[0], k - buffer.shape[1]), -math.inf)
-    return torch.cat([pad, buffer.sort(dim=1).values], dim=1).contiguous()
+def _sorted_rows(buffer: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k buffer as (U, k) ascending rows padded with -inf: the compiled update's layout for small k."""
+    top = buffer.topk(min(k, buffer.shape[1]), dim=1).values
+    pad = buffer.new_full((buffer.shape[0], k - top.shape[1]), -math.inf)
+    return torch.cat([pad, top.flip(1)], dim=1).contiguous()
+
+
+def _append_buffer(buffer: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The top-k buffer as the compiled update's layout for large k: (U, 2k + 64) with the largest values
+    first and -inf after them, the number of values per unit, and its floor (the k-th largest once there
+    are k, -inf before)."""
+    top = buffer.topk(min(k, buffer.shape[1]), dim=1).values  # descending
+    out = buffer.new_full((buffer.shape[0], 2 * k + 64), -math.inf)
+    out[:, :top.shape[1]] = top
+    fill = (top > -math.inf).sum(1).numpy().astype(np.int64)
+    floor = np.full(buffer.shape[0], -np.inf, dtype=np.float32)
+    if top.shape[1] == k:
+        floor = np.where(fill == k, top[:, k - 1].numpy(), floor).astype(np.float32)
+    return out, fill, floor
 
 
 class SketchTopQuantile:
@@ -386,7 +412,7 @@ class LayerDissector:
         if self.thresholds is None:
             raise ValueError("call compute_thresholds() after pass 1 before update_counts()")
         acts = _as_maps(activations, check_finite=False)
-        peaks = acts.amax(dim=(2, 3))  # NaN and +inf show here; -inf never fires (pass 1 rejects it)
+        peaks = acts.flatten(2).amax(-1)  # NaN and +inf show here; -inf never fires (pass 1 rejects it)
         _require_finite(peaks)
         device = acts.device
         b, u, h, w = acts.shape

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit
 
 WORD_BITS = 62  # concepts per word; more concepts are tallied in groups
-SORTED_TOP_K = 64  # top-k buffers up to this size are kept sorted, larger ones as binary heaps
+SORTED_TOP_K = 64  # top-k buffers up to this size are kept sorted; larger ones append and select
 
 
 @lru_cache(maxsize=32)
@@ -34,50 +34,104 @@ def axis_cells(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def update_top_values(maps, heaps):
-    """Fold maps (B, U, P) float32 into heaps (U, k) float32, per unit a min-heap of the k largest
-    values seen (-inf where empty; an ascending row is a valid heap). A map whose values all stay at
-    or below the heap's root is skipped after one vectorised pass, which is nearly every map once
-    the heaps fill. Returns the number of values that are NaN or infinite (the caller raises)."""
+def update_top_sorted(maps, rows):
+    """Fold maps (B, U, P) float32 into rows (U, k) float32 that hold, in ascending order, the k
+    largest values seen per unit (-inf where empty): the layout for small k, where inserting by a
+    short shift is cheapest. A map with no value above the row's smallest is skipped after one
+    vectorised pass. Returns the number of NaN or infinite values (the caller raises)."""
     b_n, u_n, p_n = maps.shape
-    k = heaps.shape[1]
+    k = rows.shape[1]
     not_finite = 0
     for b in range(b_n):
         for u in range(u_n):
-            heap = heaps[u]
+            row = rows[u]
             values = maps[b, u]
-            floor = heap[0]
+            low = row[0]
             above = 0
             for q in range(p_n):
                 v = values[q]
-                above += v > floor
+                above += v > low
                 not_finite += (v - v) != 0  # NaN or +-inf
             if above == 0:
                 continue
             for q in range(p_n):
                 v = values[q]
-                if not v > heap[0]:
+                if not v > row[0]:
                     continue
-                if k <= SORTED_TOP_K:  # small k: keep the row sorted (a sorted row is also a min-heap)
-                    i = 0
-                    while i + 1 < k and heap[i + 1] < v:
-                        heap[i] = heap[i + 1]
-                        i += 1
-                    heap[i] = v
-                    continue
-                heap[0] = v  # replace the smallest, then sift it down
                 i = 0
-                while True:
-                    child = 2 * i + 1
-                    if child >= k:
-                        break
-                    if child + 1 < k and heap[child + 1] < heap[child]:
-                        child += 1
-                    if heap[child] >= heap[i]:
-                        break
-                    heap[i], heap[child] = heap[child], heap[i]
-                    i = child
+                while i + 1 < k and row[i + 1] < v:
+                    row[i] = row[i + 1]
+                    i += 1
+                row[i] = v
     return not_finite
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def update_top_buffered(maps, buffer, fill, floor, k):
+    """Fold maps (B, U, P) float32 into per-unit buffers (U, cap) float32 that always hold the k
+    largest values seen: values above the unit's `floor` are appended at `fill`, and a full buffer
+    is cut back to its k largest by an in-place selection (linear time), which raises the floor to
+    the k-th largest. Unused slots hold -inf. The layout for large k, where a heap's log k sift
+    would dominate. Returns the number of NaN or infinite values (the caller raises)."""
+    b_n, u_n, p_n = maps.shape
+    cap = buffer.shape[1]
+    not_finite = 0
+    for b in range(b_n):
+        for u in range(u_n):
+            values = maps[b, u]
+            low = floor[u]
+            above = 0
+            for q in range(p_n):
+                v = values[q]
+                above += v > low
+                not_finite += (v - v) != 0
+            if above == 0:
+                continue
+            row = buffer[u]
+            n = fill[u]
+            for q in range(p_n):
+                v = values[q]
+                if v > low:
+                    row[n] = v
+                    n += 1
+                    if n == cap:
+                        low = _keep_largest(row, cap, k)
+                        n = k
+            fill[u] = n
+            floor[u] = low
+    return not_finite
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _keep_largest(row, n, k):
+    """Move the k largest of row[:n] to row[:k] (in any order), set row[k:n] to -inf and return the
+    k-th largest (quickselect with a median-of-three pivot)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        a, b, c = row[lo], row[mid], row[hi]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi
+        while i <= j:  # descending: values above the pivot to the left
+            while row[i] > pivot:
+                i += 1
+            while row[j] < pivot:
+                j -= 1
+            if i <= j:
+                row[i], row[j] = row[j], row[i]
+                i += 1
+                j -= 1
+        if k - 1 <= j:
+            hi = j
+        elif k - 1 >= i:
+            lo = i
+        else:
+            break
+    kth = row[0]
+    for q in range(1, k):
+        kth = min(kth, row[q])
+    row[k:n] = -np.inf
+    return kth
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
