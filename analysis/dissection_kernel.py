@@ -264,16 +264,19 @@ def _firing_pairs(maps, below):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _add_pixels(inter, unit, first, start, concept, ids, run_end, base, x0, x1):
-    """Add row pixels [x0, x1) (offset `base` into the image) to the unit's counts, one run of equal
-    concept ids at a time."""
+def _add_pixels(counts, touched, n_touched, ids, run_end, base, x0, x1):
+    """Add row pixels [x0, x1) (offset `base` into the image) to the pair's pixel counts per concept-set
+    id, one run of equal ids at a time; `touched` lists the ids counted so far. Returns n_touched."""
     x = x0
     while x < x1:
         end = min(run_end[base + x], x1)
         word_id = ids[base + x]
-        for e in range(start[word_id], start[word_id + 1]):
-            inter[unit, first + concept[e]] += end - x
+        if counts[word_id] == 0:
+            touched[n_touched] = word_id
+            n_touched += 1
+        counts[word_id] += end - x
         x = end
+    return n_touched
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -290,6 +293,8 @@ def _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, 
     inv_scale = 1.0 / x_scale
     row_hot = np.zeros(h, np.bool_)
     profile = np.empty(w, np.float64)
+    counts = np.zeros(len(start) - 1, np.int64)  # one pair's firing pixels per concept-set id
+    touched = np.empty(len(start) - 1, np.int64)
     for b in range(b_n):
         image_ids, image_ends = ids[b], run_end[b]
         for u in range(u_n):
@@ -309,6 +314,7 @@ def _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, 
                     i_min, i_max = min(i_min, i), max(i_max, i)
             c_lo, c_hi = max(j_min - 1, 0), min(j_max + 1, w - 1)  # the columns the hot cells read
             n = 0
+            n_touched = 0
             for ky in range(i_min, i_max + 2):  # the row cells around the hot source rows
                 ra, rb = max(ky - 1, 0), min(ky, h - 1)
                 if not (row_hot[ra] or row_hot[rb]):
@@ -364,12 +370,17 @@ def _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, 
                         if x0 == seg1:
                             seg1 = x1
                         else:
-                            _add_pixels(inter, u, first, start, concept, image_ids, image_ends, base, seg0, seg1)
+                            n_touched = _add_pixels(counts, touched, n_touched, image_ids, image_ends, base, seg0, seg1)
                             n += seg1 - seg0
                             seg0, seg1 = x0, x1
-                    _add_pixels(inter, u, first, start, concept, image_ids, image_ends, base, seg0, seg1)
+                    n_touched = _add_pixels(counts, touched, n_touched, image_ids, image_ends, base, seg0, seg1)
                     n += seg1 - seg0
             area[b, u] = n
+            for t_i in range(n_touched):  # the pair's pixels per concept set, added to its concepts
+                word_id = touched[t_i]
+                for e in range(start[word_id], start[word_id + 1]):
+                    inter[u, first + concept[e]] += counts[word_id]
+                counts[word_id] = 0
 
 
 def tally(acts: np.ndarray, thresholds: np.ndarray, masks: np.ndarray, labelled: np.ndarray,
