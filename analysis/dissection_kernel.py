@@ -1,14 +1,16 @@
-"""Compiled CPU tally for Network Dissection (numba): only the pixels that fire are ever touched.
+"""Compiled CPU kernels for Network Dissection (numba): exact top-k thresholds, and a tally that only
+ever touches the pixels that fire.
 
 A bilinear upsample (align_corners=False, edge clamped) is a convex combination of the 4 source
 pixels around each output pixel, so an output pixel can exceed a unit's threshold only inside a
-"cell" with a corner above it. Per (image, unit) pair the kernel skips maps with no source pixel
+"cell" with a corner above it. Per (image, unit) pair the tally skips maps with no source pixel
 above the threshold (most of them, at the top 0.5%), evaluates the upsampled map in float64 only
-inside hot cells, and adds each firing pixel to the concepts that contain it.
+in the rows and cells that can fire, and counts the firing pixels.
 
 Concept membership is read through one 64-bit word per pixel (bit c: concept c is labelled and
-its mask covers the pixel). Each image's distinct words get small ids and a list of their concepts,
-so a firing pixel costs one id lookup, and runs of equal ids along a row are added at once.
+its mask covers the pixel). Each image's distinct words get small ids and a list of their concepts:
+a pair's firing pixels are counted per id, a run of equal ids along a row at a time, and expanded
+to concepts once per pair.
 """
 from __future__ import annotations
 
@@ -248,8 +250,8 @@ def _pixel_ids(masks, labelled, first, count, p_n, width):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _firing_pairs(maps, below):
-    """(B, U) bool: the unit's map has a source pixel above its threshold (`below`, float32: see
-    `_tally_pairs`); no other pair can fire after upsampling."""
+    """(B, U) bool: the unit's map has a source pixel above its threshold (`below`: the largest float32
+    at or under it, see `tally`); no other pair can fire after upsampling."""
     b_n, u_n, hw = maps.shape
     fires = np.zeros((b_n, u_n), np.bool_)
     for b in range(b_n):
