@@ -35,6 +35,18 @@ def axis_cells(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return lo.astype(np.int64), hi.astype(np.int64), lam
 
 
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _scan(values, low):
+    """(values above `low`, values that are NaN or infinite), in one vectorised pass."""
+    above = 0
+    not_finite = 0
+    for q in range(values.shape[0]):
+        v = values[q]
+        above += v > low
+        not_finite += (v - v) != 0
+    return above, not_finite
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def update_top_sorted(maps, rows):
     """Fold maps (B, U, P) float32 into rows (U, k) float32 that hold, in ascending order, the k
@@ -48,12 +60,8 @@ def update_top_sorted(maps, rows):
         for u in range(u_n):
             row = rows[u]
             values = maps[b, u]
-            low = row[0]
-            above = 0
-            for q in range(p_n):
-                v = values[q]
-                above += v > low
-                not_finite += (v - v) != 0  # NaN or +-inf
+            above, bad = _scan(values, row[0])
+            not_finite += bad
             if above == 0:
                 continue
             for q in range(p_n):
@@ -82,11 +90,8 @@ def update_top_buffered(maps, buffer, fill, floor, k):
         for u in range(u_n):
             values = maps[b, u]
             low = floor[u]
-            above = 0
-            for q in range(p_n):
-                v = values[q]
-                above += v > low
-                not_finite += (v - v) != 0
+            above, bad = _scan(values, low)
+            not_finite += bad
             if above == 0:
                 continue
             row = buffer[u]
