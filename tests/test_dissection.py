@@ -167,6 +167,14 @@ def test_compiled_tally_with_a_distinct_concept_set_at_almost_every_pixel():
     np.testing.assert_allclose(iou, iou_ref, atol=1e-6, rtol=0)
 
 
+def test_channels_last_activations_give_the_same_ious():
+    acts, masks = bench.synthetic_dictionary(10, 12, 4, feature_size=7, mask_size=28, planted=4, seed=9)
+    _, iou = netdissect_iou(acts, masks, 0.05)
+    _, iou_cl = netdissect_iou(acts.to(memory_format=torch.channels_last), masks, 0.05)
+    np.testing.assert_array_equal(iou_cl, iou)
+    assert iou.max() > 0.05
+
+
 def test_non_integer_upsampling_matches_reference():
     acts, masks = bench.synthetic_dictionary(10, 16, 4, feature_size=5, mask_size=23, planted=4, seed=4)
     t, iou = netdissect_iou(acts, masks, 0.03)
