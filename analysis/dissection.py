@@ -406,9 +406,10 @@ class LayerDissector:
     # pass 2
     def update_counts(self, activations: torch.Tensor, masks: torch.Tensor | None = None,
                       labelled: torch.Tensor | None = None, global_labels: Mapping[str, torch.Tensor] | None = None,
-                      index: torch.Tensor | None = None) -> None:
+                      index: torch.Tensor | None = None, mask_index: Any = None) -> None:
         """Add one batch: masks (B, C, H, W) bool or None (a global-only batch), labelled (B, C) bool
-        (default: all True when masks are given), global_labels {group: (B,) int, -1 unknown}."""
+        (default: all True when masks are given), global_labels {group: (B,) int, -1 unknown}.
+        `mask_index`: the batch's `index_masks(masks, labelled)`, shared between layers (optional)."""
         if self.thresholds is None:
             raise ValueError("call compute_thresholds() after pass 1 before update_counts()")
         acts = _as_maps(activations, check_finite=False)
@@ -420,19 +421,13 @@ class LayerDissector:
             raise ValueError(f"layer {self.layer!r}: {u} units in pass 2 but {len(self.thresholds)} in pass 1")
         if self._t32 is None or self._t32.device != device:
             self._t32 = _threshold_below(self.thresholds, device)
-        c = len(self.concepts)
         if masks is not None:
-            if masks.ndim != 4 or masks.shape[:2] != (b, c):
-                raise ValueError(f"masks must be (B={b}, C={c}, H, W) for concepts {self.concepts}, got "
-                                 f"{tuple(masks.shape)}")
-            masks = masks.to(device=device, dtype=torch.bool)
-            labelled = (torch.ones(b, c, dtype=torch.bool, device=device) if labelled is None
-                        else labelled.to(device=device, dtype=torch.bool))
-            if labelled.shape != (b, c):
-                raise ValueError(f"labelled must be (B={b}, C={c}), got {tuple(labelled.shape)}")
-            presence = self._tally(acts, peaks, masks, labelled) > 0
+            if masks.shape[:1] != (b,):
+                raise ValueError(f"masks must be (B={b}, C, H, W), got {tuple(masks.shape)}")
+            masks, labelled = self._checked_masks(masks, labelled, device)
+            presence = self._tally(acts, peaks, masks, labelled, mask_index) > 0
         else:
-            presence = torch.zeros(b, c, dtype=torch.bool, device=device)
+            presence = torch.zeros(b, len(self.concepts), dtype=torch.bool, device=device)
         self._max.append(peaks.cpu())
         self._presence.append(presence.cpu())
         global_labels = global_labels or {}
@@ -447,22 +442,48 @@ class LayerDissector:
         self._index.append(idx)
         self._seen += b
 
-    def _tally(self, acts: torch.Tensor, peaks: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor
-               ) -> torch.Tensor:
+    def _checked_masks(self, masks: torch.Tensor, labelled: torch.Tensor | None, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c = masks.shape[0], len(self.concepts)
+        if masks.ndim != 4 or masks.shape[1] != c:
+            raise ValueError(f"masks must be (B={b}, C={c}, H, W) for concepts {self.concepts}, got "
+                             f"{tuple(masks.shape)}")
+        masks = masks.to(device=device, dtype=torch.bool)
+        labelled = (torch.ones(b, c, dtype=torch.bool, device=device) if labelled is None
+                    else labelled.to(device=device, dtype=torch.bool))
+        if labelled.shape != (b, c):
+            raise ValueError(f"labelled must be (B={b}, C={c}), got {tuple(labelled.shape)}")
+        return masks, labelled
+
+    def _tally_method(self, device: torch.device) -> str:
+        method = self.config.tally
+        if method == "auto":
+            method = "dense" if device.type == "cuda" else "compiled" if dissection_kernel else "sparse"
+        if method == "compiled" and dissection_kernel is None:
+            raise ValueError("DissectionConfig.tally='compiled' needs numba (pip install numba)")
+        return method
+
+    def index_masks(self, masks: torch.Tensor, labelled: torch.Tensor | None, device: torch.device) -> Any:
+        """The masks' per-pixel concept-set index for the compiled tally (None for the other tallies), to
+        pass as `mask_index` to this and the other layers' `update_counts` on the same batch."""
+        if self._tally_method(device) != "compiled":
+            return None
+        masks, labelled = self._checked_masks(masks, labelled, device)
+        return dissection_kernel.mask_index(masks.cpu().numpy(), labelled.cpu().numpy())
+
+    def _tally(self, acts: torch.Tensor, peaks: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor,
+               mask_index: Any = None) -> torch.Tensor:
         """Add one batch to the running counts; returns the labelled mask areas (B, C)."""
         u, c = acts.shape[1], masks.shape[1]
         if not self._counts:
             self._counts = {k: torch.zeros((u, c) if k != "mask_area" else (c,), dtype=torch.int64, device=acts.device)
                             for k in ("intersection", "area_labelled", "mask_area", "mask_area_fires")}
-        method = self.config.tally
-        if method == "auto":
-            method = "dense" if acts.device.type == "cuda" else "compiled" if dissection_kernel else "sparse"
+        method = self._tally_method(acts.device)
         if method == "compiled":
-            if dissection_kernel is None:
-                raise ValueError("DissectionConfig.tally='compiled' needs numba (pip install numba)")
+            if mask_index is None or mask_index.shape != tuple(masks.shape):
+                mask_index = dissection_kernel.mask_index(masks.cpu().numpy(), labelled.cpu().numpy())
             inter, area, mask_area = (torch.from_numpy(x).to(acts.device) for x in dissection_kernel.tally(
-                acts.cpu().numpy(), self.thresholds, masks.cpu().numpy(), labelled.cpu().numpy(),
-                fires=(peaks > self._t32).cpu().numpy()))
+                acts.cpu().numpy(), self.thresholds, mask_index, fires=(peaks > self._t32).cpu().numpy()))
         else:
             inter, area = (self._tally_dense if method == "dense" else self._tally_sparse)(acts, masks, labelled)
             mask_area = mask_areas(masks) * labelled
@@ -926,12 +947,16 @@ class Dissector:
 
     def update(self, batch: Mapping[str, Any]) -> None:
         acts = self.activations(batch)
+        masks, labelled = batch.get(self.mask_key), batch.get(self.labelled_key)
+        mask_index = None  # the batch's masks indexed once for every layer (compiled tally)
         for name, diss in self.layer_dissectors.items():
             if not self.counting:
                 diss.update_quantiles(acts[name])
-            else:
-                diss.update_counts(acts[name], batch.get(self.mask_key), batch.get(self.labelled_key),
-                                   {g: batch[g] for g in diss.global_groups if g in batch}, batch.get("index"))
+                continue
+            if mask_index is None and masks is not None:
+                mask_index = diss.index_masks(masks, labelled, acts[name].device)
+            diss.update_counts(acts[name], masks, labelled, {g: batch[g] for g in diss.global_groups if g in batch},
+                               batch.get("index"), mask_index)
 
     def start_counting(self) -> dict[str, np.ndarray]:
         """End pass 1: per-layer thresholds (U,)."""

@@ -14,6 +14,7 @@ to concepts once per pair.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -390,20 +391,46 @@ def _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, 
                 counts[word_id] = 0
 
 
-def tally(acts: np.ndarray, thresholds: np.ndarray, masks: np.ndarray, labelled: np.ndarray,
-          fires: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Intersections (U, C), firing areas (B, U) and labelled mask areas (B, C), int64, of acts
-    (B, U, h, w) float32 thresholded at `thresholds` (U,) float64 after bilinear upsampling to the
-    size of `masks` (B, C, H, W) bool, counting a concept only where `labelled` (B, C) is set.
-    `fires` (B, U) bool, when the caller has the maps' maxima: which maps exceed their threshold."""
-    acts = np.ascontiguousarray(acts, dtype=np.float32)
-    b, u, h, w = acts.shape
-    _, c, hm, wm = masks.shape
+@dataclass(frozen=True)
+class MaskIndex:
+    """A batch's masks as per-pixel concept-set ids, built once and shared by every layer dissected on
+    the batch: per group of up to WORD_BITS concepts (first concept, ids, run ends, CSR start and
+    concepts), and the labelled mask areas (B, C)."""
+
+    shape: tuple[int, int, int, int]
+    groups: tuple[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
+    mask_area: np.ndarray
+
+
+def mask_index(masks: np.ndarray, labelled: np.ndarray) -> MaskIndex:
+    """Index masks (B, C, H, W) bool, counting a concept only where `labelled` (B, C) is set."""
+    b, c, hm, wm = masks.shape
     flat = np.ascontiguousarray(masks, dtype=np.bool_).reshape(b, c, hm * wm)
     if (hm * wm) % 8:
         flat = np.concatenate([flat, np.zeros((b, c, -(hm * wm) % 8), np.bool_)], axis=2)
     flat = flat.view(np.uint64)
     labelled = np.ascontiguousarray(labelled, dtype=np.bool_)
+    groups = []
+    mask_area = np.zeros((b, c), np.int64)
+    for first in range(0, max(c, 1), WORD_BITS):
+        ids, run_end, start, concept, image, pixels = _pixel_ids(flat, labelled, first, min(WORD_BITS, c - first),
+                                                                 hm * wm, wm)
+        _mask_areas(start, concept, image, pixels, first, mask_area)
+        groups.append((first, ids, run_end, start, concept))
+    return MaskIndex((b, c, hm, wm), tuple(groups), mask_area)
+
+
+def tally(acts: np.ndarray, thresholds: np.ndarray, index: MaskIndex, fires: np.ndarray | None = None,
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intersections (U, C), firing areas (B, U) and labelled mask areas (B, C), int64, of acts
+    (B, U, h, w) float32 thresholded at `thresholds` (U,) float64 after bilinear upsampling to the
+    indexed masks' size. `fires` (B, U) bool, when the caller has the maps' maxima: which maps
+    exceed their threshold."""
+    acts = np.ascontiguousarray(acts, dtype=np.float32)
+    b, u, h, w = acts.shape
+    _, c, hm, wm = index.shape
+    if index.shape[0] != b:
+        raise ValueError(f"the mask index holds {index.shape[0]} images but the activations {b}")
     thresholds = np.ascontiguousarray(thresholds, dtype=np.float64)
     if fires is None:
         below = thresholds.astype(np.float32)  # the largest float32 <= each threshold: x > below iff x > threshold
@@ -414,14 +441,10 @@ def tally(acts: np.ndarray, thresholds: np.ndarray, masks: np.ndarray, labelled:
     x_lo, x_hi, x_lam = axis_cells(w, wm)
     inter = np.zeros((u, c), np.int64)
     area = np.zeros((b, u), np.int64)
-    mask_area = np.zeros((b, c), np.int64)
-    for first in range(0, max(c, 1), WORD_BITS):
-        count = min(WORD_BITS, c - first)
-        ids, run_end, start, concept, image, pixels = _pixel_ids(flat, labelled, first, count, hm * wm, wm)
-        _mask_areas(start, concept, image, pixels, first, mask_area)
+    for first, ids, run_end, start, concept in index.groups:
         _tally_pairs(acts, fires, thresholds, y_lo, y_hi, y_lam, x_lo, x_hi, x_lam, w / wm, ids, run_end, start,
                      concept, first, inter, area if first == 0 else np.zeros((b, u), np.int64))
-    return inter, area, mask_area
+    return inter, area, index.mask_area
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
