@@ -483,7 +483,7 @@ class LayerDissector:
             if mask_index is None or mask_index.shape != tuple(masks.shape):
                 mask_index = dissection_kernel.mask_index(masks.cpu().numpy(), labelled.cpu().numpy())
             inter, area, mask_area = (torch.from_numpy(x).to(acts.device) for x in dissection_kernel.tally(
-                acts.cpu().numpy(), self.thresholds, mask_index, fires=(peaks > self._t32).cpu().numpy()))
+                acts.cpu().numpy(), self.thresholds, mask_index, (peaks > self._t32).cpu().numpy()))
         else:
             inter, area = (self._tally_dense if method == "dense" else self._tally_sparse)(acts, masks, labelled)
             mask_area = mask_areas(masks) * labelled

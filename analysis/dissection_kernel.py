@@ -254,23 +254,6 @@ def _pixel_ids(masks, labelled, first, count, p_n, width):
     return ids, run_end, start, concept, image[:n_ids], pixels[:n_ids]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _firing_pairs(maps, below):
-    """(B, U) bool: the unit's map has a source pixel above its threshold (`below`: the largest float32
-    at or under it, see `tally`); no other pair can fire after upsampling."""
-    b_n, u_n, hw = maps.shape
-    fires = np.zeros((b_n, u_n), np.bool_)
-    for b in range(b_n):
-        for u in range(u_n):
-            values = maps[b, u]
-            floor = below[u]
-            above = 0
-            for k in range(hw):
-                above += values[k] > floor
-            fires[b, u] = above > 0
-    return fires
-
-
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _add_pixels(counts, touched, n_touched, ids, run_end, base, x0, x1):
     """Add row pixels [x0, x1) (offset `base` into the image) to the pair's pixel counts per concept-set
@@ -420,22 +403,18 @@ def mask_index(masks: np.ndarray, labelled: np.ndarray) -> MaskIndex:
     return MaskIndex((b, c, hm, wm), tuple(groups), mask_area)
 
 
-def tally(acts: np.ndarray, thresholds: np.ndarray, index: MaskIndex, fires: np.ndarray | None = None,
+def tally(acts: np.ndarray, thresholds: np.ndarray, index: MaskIndex, fires: np.ndarray,
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Intersections (U, C), firing areas (B, U) and labelled mask areas (B, C), int64, of acts
     (B, U, h, w) float32 thresholded at `thresholds` (U,) float64 after bilinear upsampling to the
-    indexed masks' size. `fires` (B, U) bool, when the caller has the maps' maxima: which maps
-    exceed their threshold."""
+    indexed masks' size. `fires` (B, U) bool: the maps with a source value above their threshold
+    (the caller has the maxima); no other map can fire after upsampling."""
     acts = np.ascontiguousarray(acts, dtype=np.float32)
     b, u, h, w = acts.shape
     _, c, hm, wm = index.shape
     if index.shape[0] != b:
         raise ValueError(f"the mask index holds {index.shape[0]} images but the activations {b}")
     thresholds = np.ascontiguousarray(thresholds, dtype=np.float64)
-    if fires is None:
-        below = thresholds.astype(np.float32)  # the largest float32 <= each threshold: x > below iff x > threshold
-        below = np.where(below > thresholds, np.nextafter(below, np.float32(-np.inf)), below)
-        fires = _firing_pairs(acts.reshape(b, u, h * w), below)
     fires = np.ascontiguousarray(fires, dtype=np.bool_)
     y_lo, y_hi, y_lam = axis_cells(h, hm)
     x_lo, x_hi, x_lam = axis_cells(w, wm)
